@@ -1,0 +1,145 @@
+"""Command line: ``multizoo-ext train ...`` (also ``python -m multizoo_ext``).
+
+Choices for ``--dataset`` and ``--fusion`` come from the registries, so a newly registered
+fusion or dataset appears here without editing this file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from multizoo_ext import __version__
+from multizoo_ext.registry import create_dataset, list_datasets, list_fusions
+
+logger = logging.getLogger("multizoo_ext.cli")
+
+
+def _kv(text: str) -> Dict[str, Any]:
+    """Parse ``key=value`` (value as JSON when possible: numbers, true/false, lists)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return {key: json.loads(value)}
+    except json.JSONDecodeError:
+        return {key: value}
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", choices=list_datasets(),
+                   help="registered dataset (default: digits, bundled with scikit-learn, no download)")
+    p.add_argument("--data-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="extra keyword for the dataset's get_dataloader, e.g. --data-arg path=../shared/data/ROSMAP "
+                        "(repeatable)")
+    p.add_argument("--fusion", default="concat", choices=list_fusions(), help="registered fusion (default: concat)")
+    p.add_argument("--fusion-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="extra keyword for the fusion's constructor, e.g. --fusion-arg rank=8 (repeatable)")
+    p.add_argument("--encoder", default="mlp", choices=["mlp", "identity"],
+                   help="per-modality encoder: an MLP to --embed-dim, or identity (default: mlp)")
+    p.add_argument("--hidden", type=int, default=64, help="encoder hidden width (default: 64)")
+    p.add_argument("--embed-dim", type=int, default=32, help="encoder output width (default: 32)")
+    p.add_argument("--epochs", type=int, default=20, help="maximum training epochs (default: 20)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of AdamW (default: 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default: 1e-2)")
+    p.add_argument("--fusion-lr-mult", type=float, default=1.0,
+                   help="learning-rate multiplier for the fusion (DEQ's reference uses 0.1; default: 1.0)")
+    p.add_argument("--early-stop", action="store_true", help="stop after 8 epochs without validation gain")
+    p.add_argument("--seed", type=int, default=0, help="random seed for data order and weights (default: 0)")
+    p.add_argument("--device", default=None,
+                   help="'cpu', 'cuda', 'cuda:1', ... (default: cuda if available, else cpu)")
+    p.add_argument("--output", default="runs/train", help="folder for best.pt, best.json and results.json "
+                                                          "(default: runs/train)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Train one model as the CLI's ``train`` does; return the results row (a dict)."""
+    from multizoo_ext.builder import build_model, default_objective, infer_data_spec
+    from multizoo_ext.training_structures.supervised import test, train
+    from multizoo_ext.utils import seed_everything
+
+    seed_everything(args.seed)
+    data_kwargs = {k: v for d in args.data_arg for k, v in d.items()}
+    train_dl, valid_dl, test_dl = create_dataset(args.dataset, batch_size=args.batch_size, seed=args.seed,
+                                                 **data_kwargs)
+    spec = infer_data_spec(train_dl)
+    fusion_kwargs = {k: v for d in args.fusion_arg for k, v in d.items()}
+    encoders, fusion, head = build_model(spec, args.fusion, args.encoder, args.hidden, args.embed_dim, fusion_kwargs)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    res = train(encoders, fusion, head, train_dl, valid_dl, args.epochs, early_stop=args.early_stop,
+                task=spec.task, optimtype=torch.optim.AdamW, lr=args.lr, weight_decay=args.weight_decay,
+                objective=default_objective(spec.task), save=str(out / "best.pt"), device=args.device,
+                fusion_lr_mult=args.fusion_lr_mult, seed=args.seed, progress=not args.quiet,
+                config={"dataset": args.dataset, "fusion_name": args.fusion, "fusion_kwargs": fusion_kwargs,
+                        "data_kwargs": data_kwargs, "seed": args.seed, "version": __version__})
+    metrics = test(res.model, test_dl, task=spec.task, no_robust=True, full=True, device=args.device)
+    row = {"dataset": args.dataset, "fusion": args.fusion, "task": spec.task, "seed": args.seed,
+           "epochs_run": len(res.history), "best_epoch": res.best_epoch,
+           "seconds_per_epoch": res.seconds_per_epoch, "parameters": res.parameters,
+           "total_seconds": time.perf_counter() - t0, "test": metrics, "history": res.history}
+    (out / "results.json").write_text(json.dumps(row, indent=2))
+    return row
+
+
+def format_results(row: Dict[str, Any]) -> str:
+    """A Markdown table of the test metrics, time per epoch and parameter count."""
+    keys = {"classification": ["accuracy", "f1_macro", "auroc"], "multilabel": ["f1_micro", "f1_macro", "auroc"],
+            "regression": ["mse", "mae"]}[row["task"]]
+    head = ["dataset", "fusion"] + [f"test {k}" for k in keys] + ["s/epoch", "epochs", "parameters"]
+    vals = [row["dataset"], row["fusion"]] + [f"{row['test'][k]:.4f}" for k in keys] + [
+        f"{row['seconds_per_epoch']:.3f}", str(row["epochs_run"]), f"{row['parameters']:,}"]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(vals) + " |"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multizoo-ext",
+        description="ReFNet and DEQ fusion for MultiBench-style multimodal experiments.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each epoch")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p_train = sub.add_parser("train", help="train one fusion on one dataset and print a results table",
+                             description="Train encoders + a fusion + a head, select the best epoch on the "
+                                         "validation split, and report test metrics.")
+    _add_train_args(p_train)
+    p_list = sub.add_parser("list", help="list registered datasets, fusions, encoders and objectives")
+    p_list.set_defaults(command="list")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "list":
+        from multizoo_ext.registry import list_encoders, list_objectives
+        for kind, names in [("datasets", list_datasets()), ("fusions", list_fusions()),
+                            ("encoders", list_encoders()), ("objectives", list_objectives())]:
+            print(f"{kind}: {', '.join(names)}")
+        return 0
+    if args.command == "train":
+        try:
+            row = run_train(args)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(format_results(row))
+        print(f"\nweights and results in {args.output}/ (best.pt, best.json, results.json)")
+        return 0
+    parser.print_help()
+    return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

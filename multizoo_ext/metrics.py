@@ -1,0 +1,101 @@
+"""Task metrics from scikit-learn, computed once per evaluation on CPU numpy arrays.
+
+``compute_metrics(task, truth, out)`` returns lower-case keys (accuracy, f1_micro,
+f1_macro, f1_weighted, auroc, auprc, mse, mae); ``multibench_view`` maps them to the keys
+MultiBench's ``test()`` returns (``Accuracy``; ``micro``/``macro``; ``MSE``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict
+
+import numpy as np
+import torch
+from sklearn import metrics as skm
+
+TASKS = ("classification", "multilabel", "regression")
+
+# The metric each task selects the best epoch on, and whether larger is better.
+SELECTION_METRIC = {"classification": ("accuracy", True), "multilabel": ("f1_macro", True),
+                    "regression": ("loss", False)}
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    return task
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _safe(fn, *args, **kwargs) -> float:
+    """AUROC/AUPRC are undefined when a class is absent from ``truth``: NaN, not an error."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(fn(*args, **kwargs))
+    except ValueError:
+        return math.nan
+
+
+def classification_metrics(truth: torch.Tensor, logits: torch.Tensor) -> Dict[str, float]:
+    """Args: truth ``(N,)`` class indices; logits ``(N, C)``. AUROC/AUPRC use softmax
+    probabilities (binary: of class 1; multi-class: one-vs-rest, macro)."""
+    y = _np(truth).astype(np.int64).reshape(-1)
+    probs = torch.softmax(logits.detach().float(), dim=1).cpu().numpy()  # (N, C)
+    pred = probs.argmax(1)
+    out = {"accuracy": float(skm.accuracy_score(y, pred))}
+    for avg in ("micro", "macro", "weighted"):
+        out[f"f1_{avg}"] = float(skm.f1_score(y, pred, average=avg, zero_division=0))
+    if probs.shape[1] == 2:
+        out["auroc"] = _safe(skm.roc_auc_score, y, probs[:, 1])
+        out["auprc"] = _safe(skm.average_precision_score, y, probs[:, 1])
+    else:
+        labels = np.arange(probs.shape[1])
+        out["auroc"] = _safe(skm.roc_auc_score, y, probs, multi_class="ovr", average="macro", labels=labels)
+        onehot = np.eye(probs.shape[1])[y]
+        out["auprc"] = _safe(skm.average_precision_score, onehot, probs, average="macro")
+    return out
+
+
+def multilabel_metrics(truth: torch.Tensor, logits: torch.Tensor) -> Dict[str, float]:
+    """Args: truth ``(N, K)`` multi-hot; logits ``(N, K)``. Predictions: sigmoid > 0.5
+    (MultiBench's ``sigmoid(out).round()``). AUROC/AUPRC: macro over labels present."""
+    y = _np(truth).astype(np.int64)
+    probs = torch.sigmoid(logits.detach().float()).cpu().numpy()
+    pred = (probs > 0.5).astype(np.int64)
+    out = {"accuracy": float(skm.accuracy_score(y, pred))}  # exact-match (subset) accuracy
+    for avg in ("micro", "macro", "weighted", "samples"):
+        out[f"f1_{avg}"] = float(skm.f1_score(y, pred, average=avg, zero_division=0))
+    present = (y.sum(0) > 0) & (y.sum(0) < len(y))
+    out["auroc"] = _safe(skm.roc_auc_score, y[:, present], probs[:, present], average="macro") if present.any() else math.nan
+    out["auprc"] = _safe(skm.average_precision_score, y[:, present], probs[:, present], average="macro") if present.any() else math.nan
+    return out
+
+
+def regression_metrics(truth: torch.Tensor, pred: torch.Tensor) -> Dict[str, float]:
+    """Args: truth and pred of the same number of elements (``(N,)`` or ``(N, 1)``)."""
+    y, p = _np(truth).reshape(len(truth), -1), _np(pred).reshape(len(pred), -1)
+    return {"mse": float(skm.mean_squared_error(y, p)), "mae": float(skm.mean_absolute_error(y, p))}
+
+
+def compute_metrics(task: str, truth: torch.Tensor, out: torch.Tensor) -> Dict[str, float]:
+    """Metrics of ``task`` for model outputs ``out`` (logits / predictions) against ``truth``."""
+    check_task(task)
+    if task == "classification":
+        return classification_metrics(truth, out)
+    if task == "multilabel":
+        return multilabel_metrics(truth, out)
+    return regression_metrics(truth, out)
+
+
+def multibench_view(task: str, m: Dict[str, float]) -> Dict[str, float]:
+    """The keys MultiBench's ``test()`` returns for ``task``."""
+    if task == "classification":
+        return {"Accuracy": m["accuracy"]}
+    if task == "multilabel":
+        return {"micro": m["f1_micro"], "macro": m["f1_macro"]}
+    return {"MSE": m["mse"]}
