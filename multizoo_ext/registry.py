@@ -38,8 +38,8 @@ class Registry:
 
     def _ensure_populated(self) -> None:
         if not self._populated:
+            importlib.import_module(self._populate)  # type: ignore[arg-type]  (errors propagate)
             self._populated = True
-            importlib.import_module(self._populate)  # type: ignore[arg-type]
 
     def register(self, name: Optional[str] = None) -> Callable[[T], T]:
         """Decorator registering a class or builder function under ``name``.

@@ -347,7 +347,7 @@ def train(
             logger.info("epoch %d valid AUPRC %.4f", epoch, valid.get("auprc", math.nan))
         if validtime:
             logger.info("epoch %d validation took %.3fs", epoch, time.perf_counter() - t_valid)
-        epoch_bar.set_postfix(loss=f"{row['train_loss']:.4f}", **{metric_name: f"{score:.4f}"})
+        epoch_bar.set_postfix(train_loss=f"{row['train_loss']:.4f}", **{f"valid_{metric_name}": f"{score:.4f}"})
         if improved:
             best, best_epoch, bad_epochs = score, epoch, 0
             best_state = copy.deepcopy(model.state_dict())

@@ -1,0 +1,38 @@
+import logging
+
+import pytest
+import torch
+
+from multizoo_ext.registry import Registry, create_encoder, create_fusion, list_encoders, list_fusions
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(ValueError, match=r"unknown fusion 'nope'; known fusions: .*concat.*lowrank"):
+        create_fusion("nope", input_dims=[3, 4])
+    with pytest.raises(ValueError, match=r"unknown encoder 'cnn9'.*mlp"):
+        create_encoder("cnn9")
+
+
+def test_none_kwargs_fall_back_to_defaults():
+    f = create_fusion("lowrank", input_dims=[3, 4], output_dim=None, rank=None)
+    assert f.out_dim == 64 and f.rank == 4  # class defaults, not None
+
+
+def test_register_and_overwrite_warns(caplog):
+    reg = Registry("widget")
+
+    @reg.register("a")
+    def make_a(x=1):
+        return ("a", x)
+
+    assert reg.create("A", x=None) == ("a", 1)  # names are case-insensitive, None dropped
+    assert reg.names() == ["a"] and "a" in reg
+    with caplog.at_level(logging.WARNING):
+        reg.register("a")(lambda: "b")
+    assert "registered twice" in caplog.text
+    assert reg.create("a") == "b"
+
+
+def test_builtins_registered():
+    assert {"concat", "tensor", "lowrank", "transformer"} <= set(list_fusions())
+    assert {"mlp", "maxout_mlp", "gru", "lstm", "lenet", "identity"} <= set(list_encoders())

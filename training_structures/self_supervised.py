@@ -1,0 +1,169 @@
+"""Label-free pre-training of encoders + fusion (e.g. ReFNet's refiner loss), then hand the
+same modules to supervised fine-tuning.
+
+Example:
+    >>> from multizoo_ext.training_structures.self_supervised import pretrain   # doctest: +SKIP
+    >>> pre = pretrain(encoders, refnet, unlabeled_loader, 20)                  # doctest: +SKIP
+    >>> res = train(encoders, refnet, head, labeled_loader, valid_loader, 30)   # doctest: +SKIP
+
+The loop owns device, optimiser, progress, history and checkpoints; the loss is an objective
+``(pred, truth, args) -> scalar`` called with ``truth=None`` (labels in the batch are never
+read) and ``args`` holding ``model``, ``reps``, ``fused``, ``inputs``, ``training``. Default:
+the registered ``"refnet_refiner_only"`` objective (cosine refiner loss, weight 0.1 each).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from multizoo_ext.checkpoint import save_checkpoint
+from multizoo_ext.registry import create_objective
+from multizoo_ext.training_structures.supervised import MMDL, _batch_inputs, _check_loader
+from multizoo_ext.utils import resolve_device, seed_everything
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PretrainResult", "pretrain"]
+
+
+@dataclass
+class PretrainResult:
+    """Attributes:
+        model: MMDL(encoders, fusion, Identity) holding the kept weights (the encoders and
+            fusion are the very modules passed in, trained in place).
+        history: per epoch ``train_loss`` (and ``valid_loss`` with a validation loader).
+        best_epoch: epoch whose weights are kept (lowest validation loss; else the last).
+        checkpoint: path of the saved state_dict, or None.
+        seconds_per_epoch: mean wall time per epoch.
+    """
+
+    model: MMDL
+    history: List[Dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+    checkpoint: Optional[str] = None
+    seconds_per_epoch: float = math.nan
+
+
+def _run_epoch(model: MMDL, loader, objective, n_mod: int, is_packed: bool, input_to_float: bool,
+               dev: torch.device, check_inputs: bool, optimizer=None, clip_val: float = 8.0,
+               extra_params: Sequence[nn.Parameter] = ()) -> float:
+    training = optimizer is not None
+    model.train(training)
+    total, n = 0.0, 0
+    with torch.set_grad_enabled(training):
+        for batch in loader:
+            batch = list(batch)
+            if is_packed:
+                inputs = batch[:2]
+            else:
+                if len(batch) < n_mod:
+                    raise ValueError(f"the model has {n_mod} encoders but the batch holds {len(batch)} tensors")
+                inputs = batch[:n_mod]  # a label after the modalities, if any, is ignored
+            # _batch_inputs drops the last element (the label slot): append a placeholder
+            out = model(_batch_inputs(inputs + [None], is_packed, input_to_float, dev, check_inputs))
+            args = {"model": model, "reps": model.reps, "fused": model.fuseout, "inputs": inputs,
+                    "training": training}
+            loss = objective(out, None, args)
+            value = loss.detach().item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"pre-training loss became {value}; lower the learning rate or check inputs")
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(extra_params), clip_val)
+                optimizer.step()
+            bsz = out.shape[0]
+            total += value * bsz
+            n += bsz
+    if n == 0:
+        raise ValueError("the dataloader yielded no batches")
+    return total / n
+
+
+def pretrain(encoders: Sequence[nn.Module], fusion: nn.Module, train_dataloader, total_epochs: int,
+             valid_dataloader=None, objective: Optional[Callable] = None,
+             additional_optimizing_modules: Sequence[nn.Module] = (), is_packed: bool = False,
+             optimtype=torch.optim.AdamW, lr: float = 1e-3, weight_decay: float = 0.0,
+             save: Optional[str] = None, input_to_float: bool = True, clip_val: float = 8.0, *,
+             device: Optional[Union[str, torch.device]] = None, seed: Optional[int] = None,
+             early_stop: bool = False, patience: int = 7, progress: Optional[bool] = None,
+             check_inputs: bool = True) -> PretrainResult:
+    """Pre-train ``encoders`` + ``fusion`` without labels.
+
+    Args:
+        encoders: one module per modality (trained in place).
+        fusion: the fusion (e.g. a ``ReFNet``), trained in place with its refiners.
+        train_dataloader: yields ``[x_1, ..., x_M]`` or ``[x_1, ..., x_M, y]`` (``y`` ignored).
+        total_epochs: epochs.
+        valid_dataloader: optional; selects the epoch with the lowest loss.
+        objective: ``(pred, truth, args) -> scalar``; default
+            ``create_objective("refnet_refiner_only")``.
+        additional_optimizing_modules: further modules to optimise (e.g. a decoder the
+            objective reads from ``args``; add it to ``args`` yourself through a closure).
+        is_packed, input_to_float, clip_val: as in ``supervised.train``.
+        optimtype, lr, weight_decay: optimiser. Default AdamW, 1e-3, 0.
+        save: path for the kept weights (state_dict of MMDL(encoders, fusion, Identity) + JSON).
+        device, seed, early_stop, patience, progress, check_inputs: as in ``supervised.train``.
+
+    Returns:
+        :class:`PretrainResult`.
+    """
+    if total_epochs < 1:
+        raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
+    _check_loader(train_dataloader, "train_dataloader")
+    if valid_dataloader is not None:
+        _check_loader(valid_dataloader, "valid_dataloader")
+    if seed is not None:
+        seed_everything(seed)
+    dev = resolve_device(device)
+    objective = objective if objective is not None else create_objective("refnet_refiner_only")
+    model = MMDL(encoders, fusion, nn.Identity(), has_padding=is_packed).to(dev)
+    extra = [m.to(dev) for m in additional_optimizing_modules]
+    extra_params = [p for m in extra for p in m.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] + extra_params
+    optimizer = optimtype(params, lr=lr, weight_decay=weight_decay)
+    n_mod = len(model.encoders)
+    history: List[Dict[str, float]] = []
+    best, best_state, best_epoch, bad = math.inf, None, -1, 0
+    bar = tqdm(range(total_epochs), desc="pre-training", disable=None if progress is None else not progress,
+               leave=False)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        row: Dict[str, float] = {"epoch": epoch}
+        row["train_loss"] = _run_epoch(model, train_dataloader, objective, n_mod, is_packed, input_to_float, dev,
+                                       check_inputs, optimizer, clip_val, extra_params)
+        if valid_dataloader is not None:
+            row["valid_loss"] = _run_epoch(model, valid_dataloader, objective, n_mod, is_packed, input_to_float,
+                                           dev, check_inputs)
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        score = row.get("valid_loss", -epoch)  # without validation, keep the last epoch
+        bar.set_postfix(loss=f"{row['train_loss']:.4f}")
+        logger.info("pre-training epoch %d loss %.4f%s", epoch, row["train_loss"],
+                    f" valid {row['valid_loss']:.4f}" if "valid_loss" in row else "")
+        if score < best:
+            best, best_epoch, bad = score, epoch, 0
+            best_state = copy.deepcopy(model.state_dict()), [copy.deepcopy(m.state_dict()) for m in extra]
+        else:
+            bad += 1
+            if early_stop and bad > patience:
+                break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state[0])
+        for m, sd in zip(extra, best_state[1]):
+            m.load_state_dict(sd)
+    if save is not None:
+        save_checkpoint(save, model, {"stage": "pretrain", "epoch": best_epoch,
+                                      "fusion": type(model.fuse).__name__,
+                                      "valid_loss": best if valid_dataloader is not None else None})
+    return PretrainResult(model=model, history=history, best_epoch=best_epoch,
+                          checkpoint=save, seconds_per_epoch=sum(h["seconds"] for h in history) / len(history))
