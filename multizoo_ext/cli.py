@@ -101,6 +101,33 @@ def format_results(row: Dict[str, Any]) -> str:
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(vals) + " |"])
 
 
+# --- benchmark subcommand (options and runner live in multizoo_ext/benchmark.py) ---
+def _add_benchmark_parser(sub: Any) -> None:
+    from multizoo_ext.benchmark import add_benchmark_arguments
+
+    p = sub.add_parser("benchmark", help="run a grid of fusions x datasets x seeds and print a mean ± std table",
+                       description="Train every --fusions on every --datasets for every --seeds with one config, "
+                                   "plus a best-single-modality and a logistic-regression baseline per dataset. "
+                                   "Writes results.json (every run; resumable: finished runs are reused), "
+                                   "results.md (mean ± std table) and figures (with matplotlib) to --output.")
+    add_benchmark_arguments(p)
+
+
+def _run_benchmark_command(args: argparse.Namespace) -> int:
+    from multizoo_ext.benchmark import config_from_args, run_benchmark
+
+    try:
+        runs = run_benchmark(config_from_args(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(runs.markdown)
+    print(f"{runs.computed} run(s) computed, {runs.reused} reused from an earlier run")
+    for path in [runs.json_path, runs.markdown_path, *runs.figures]:
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multizoo-ext",
@@ -114,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p_train)
     p_list = sub.add_parser("list", help="list registered datasets, fusions, encoders and objectives")
     p_list.set_defaults(command="list")
+    _add_benchmark_parser(sub)
     return parser
 
 
@@ -137,6 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_results(row))
         print(f"\nweights and results in {args.output}/ (best.pt, best.json, results.json)")
         return 0
+    if args.command == "benchmark":
+        return _run_benchmark_command(args)
     parser.print_help()
     return 1
 

@@ -1,0 +1,154 @@
+"""MOGONET's CSV layout (ROSMAP, BRCA, KIPAN, LGG as published by txWang/MOGONET).
+
+One folder per dataset, comma-separated numbers, no header, one row per sample:
+
+* ``{i}_tr.csv`` / ``{i}_te.csv`` for modality i = 1, 2, ... (training / test features);
+* ``labels_tr.csv`` / ``labels_te.csv``: one label per line (floats such as ``1.0`` are
+  accepted if integral);
+* ``{i}_featname.csv`` (feature names) is not needed and not read.
+
+Modalities are discovered as ``1_tr.csv, 2_tr.csv, ...`` (consecutive from 1) or given.
+The validation split is a stratified share of the training rows; the test split is the
+``_te`` files. MOGONET's features are already scaled to about [0, 1], hence no
+normalisation by default.
+
+Example:
+    >>> from multizoo_ext.datasets.mogonet import get_dataloader
+    >>> train, valid, test = get_dataloader("../shared/data/ROSMAP")     # doctest: +SKIP
+    >>> [tuple(t.shape) for t in next(iter(test))]                         # doctest: +SKIP
+    [(32, 200), (32, 200), (32, 200), (32,)]
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from multizoo_ext.datasets.common import Loaders, arrays_to_dataloaders
+from multizoo_ext.registry import register_dataset
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+ROSMAP_DEFAULT_PATH = "../shared/data/ROSMAP"
+
+
+def _read_csv(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"MOGONET {what} file not found: {path}")
+    try:
+        arr = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    except ValueError as exc:
+        raise ValueError(f"{path} must hold comma-separated numbers with no header row: {exc}") from exc
+    if arr.size == 0:
+        raise ValueError(f"MOGONET {what} file {path} is empty")
+    return arr
+
+
+def discover_modalities(path: PathLike) -> List[int]:
+    """Modality numbers 1, 2, ... for which ``{i}_tr.csv`` exists (consecutive from 1).
+
+    Raises:
+        FileNotFoundError: the folder does not exist or has no ``1_tr.csv``.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"MOGONET data folder not found: {root}")
+    found = []
+    i = 1
+    while (root / f"{i}_tr.csv").is_file():
+        found.append(i)
+        i += 1
+    if not found:
+        raise FileNotFoundError(f"no MOGONET modality files in {root}: expected 1_tr.csv, 1_te.csv, "
+                                "2_tr.csv, ... and labels_tr.csv, labels_te.csv")
+    return found
+
+
+def load_mogonet(path: PathLike, modalities: Optional[Sequence[int]] = None
+                 ) -> Tuple[List[np.ndarray], np.ndarray, List[np.ndarray], np.ndarray, List[int]]:
+    """Read a MOGONET folder.
+
+    Args:
+        path: the folder.
+        modalities: modality numbers to read (e.g. ``[1, 3]``). Default: discovered.
+
+    Returns:
+        ``(train_views [(N_tr, d_i)], train_labels (N_tr,), test_views [(N_te, d_i)],
+        test_labels (N_te,), modality numbers)`` as float64 arrays (labels as read).
+
+    Raises:
+        FileNotFoundError: folder or a file missing. ValueError: unparsable CSV, row counts
+            that disagree with the labels, or test widths that differ from training widths.
+    """
+    root = Path(path)
+    mods = discover_modalities(root) if modalities is None else [int(i) for i in modalities]
+    if not mods:
+        raise ValueError("modalities must name at least one modality number, got an empty list")
+    y_tr = _read_csv(root / "labels_tr.csv", "training label")
+    y_te = _read_csv(root / "labels_te.csv", "test label")
+    for y, name in ((y_tr, "labels_tr.csv"), (y_te, "labels_te.csv")):
+        if y.shape[1] != 1:
+            raise ValueError(f"{root / name} must hold one label per line, got {y.shape[1]} columns")
+    y_tr, y_te = y_tr[:, 0], y_te[:, 0]
+    tr, te = [], []
+    for i in mods:
+        a = _read_csv(root / f"{i}_tr.csv", f"modality {i} training")
+        b = _read_csv(root / f"{i}_te.csv", f"modality {i} test")
+        if a.shape[0] != y_tr.shape[0]:
+            raise ValueError(f"{root / f'{i}_tr.csv'} has {a.shape[0]} rows but labels_tr.csv has {y_tr.shape[0]}")
+        if b.shape[0] != y_te.shape[0]:
+            raise ValueError(f"{root / f'{i}_te.csv'} has {b.shape[0]} rows but labels_te.csv has {y_te.shape[0]}")
+        if a.shape[1] != b.shape[1]:
+            raise ValueError(f"modality {i} has {a.shape[1]} training columns but {b.shape[1]} test columns")
+        tr.append(a)
+        te.append(b)
+    return tr, y_tr, te, y_te, mods
+
+
+@register_dataset("mogonet")
+def get_dataloader(
+    path: PathLike,
+    modalities: Optional[Sequence[int]] = None,
+    valid_fraction: float = 0.2,
+    normalize: Optional[str] = None,
+    split_seed: Optional[int] = 0,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    seed: int = 0,
+) -> Loaders:
+    """(train, valid, test) DataLoaders of a MOGONET-layout folder.
+
+    Args:
+        path: folder with ``{i}_tr.csv``, ``{i}_te.csv``, ``labels_tr.csv``, ``labels_te.csv``.
+        modalities: modality numbers to use, in order (e.g. ``[1, 2, 3]``). Default: all
+            discovered.
+        valid_fraction: stratified share of the training rows held out for validation
+            (ROSMAP: 49 of 245). Default: 0.2.
+        normalize: "standard", "minmax" or None, fitted on the (remaining) training rows.
+            Default: None (MOGONET's features are already scaled).
+        split_seed: seed of the validation split; fixed so every training seed selects on
+            the same rows (None: use ``seed``). Default: 0.
+        batch_size: Default: 32. num_workers: Default: 0.
+        seed: training-loader shuffling. Default: 0.
+
+    Returns:
+        ``(train, valid, test)`` yielding ``[x_1 (B, d_1), ..., x_M (B, d_M), y (B,) int64]``;
+        ``dataset.modality_names`` are ``"modality_1"``, ... after the file numbers.
+    """
+    tr, y_tr, te, y_te, mods = load_mogonet(path, modalities)
+    logger.info("MOGONET %s: %d train, %d test rows, widths %s", path, len(y_tr), len(y_te),
+                [a.shape[1] for a in tr])
+    return arrays_to_dataloaders(tr, y_tr, test_modalities=te, test_labels=y_te, valid_fraction=valid_fraction,
+                                 stratify=True, normalize=normalize, task="classification",
+                                 modality_names=[f"modality_{i}" for i in mods], batch_size=batch_size,
+                                 num_workers=num_workers, seed=seed, split_seed=split_seed)
+
+
+@register_dataset("rosmap")
+def get_dataloader_rosmap(path: PathLike = ROSMAP_DEFAULT_PATH, **kwargs) -> Loaders:
+    """:func:`get_dataloader` with a convenience default ``path="../shared/data/ROSMAP"``
+    (relative to the current directory); pass ``path`` for any other location."""
+    return get_dataloader(path, **kwargs)

@@ -1,0 +1,282 @@
+"""Gradient modes for deep equilibrium layers, resolved once into a callable (torchdeq style).
+
+A mode is built once, when the layer is built (:func:`build_backward`), and is then called
+every forward as ``mode.run(f, z0, solve, needs_grad, want_jac, trace)``; ``forward`` never
+branches on the mode's name. ``f`` maps a flat state ``(B, n)`` to ``(B, n)`` row-wise and
+closes over the parameters; ``solve(f, z0) -> (z*, info)`` is the forward solver with its
+settings bound (see :mod:`multizoo_ext.fusions.deq_solvers`).
+
+Modes:
+
+- ``"implicit"`` (:class:`ImplicitBackward`, the DEQ default): solve without a graph, then
+  recompute ``f`` once at ``z*`` with a graph. In the backward pass the incoming gradient
+  ``g`` (B, n) is replaced by the solution ``y`` of ``y = y J_f(z*) + g``, found by a solver
+  (with its own tolerance and cap, per-sample stopping) on vector-Jacobian products, and
+  ``y`` then flows through the recomputed ``f`` to the parameters and inputs. Memory does not
+  grow with the number of forward iterations. Each forward builds its own
+  ``torch.autograd.Function`` node, so several forwards before one backward (or a backward
+  with ``retain_graph=True`` run twice) are safe; the reference instead keeps one hook
+  handle on the module, which a second forward overwrites.
+- ``"phantom"`` (:class:`PhantomBackward`): after the graph-free solve, ``k`` damped steps
+  ``z <- (1 - tau) z + tau f(z)`` from ``z*`` with a graph; plain backprop through them (a
+  truncated Neumann series of the implicit gradient; cheap, approximate).
+- ``"unrolled"`` (:class:`UnrolledBackward`, ablation): no solver; ``k`` weight-tied
+  iterations ``z <- f(z)`` from ``z0`` with a graph and plain backprop (memory grows with
+  ``k``).
+
+``run`` returns ``(z, info, jac_pair)``: ``z`` (B, n) carries the graph when ``needs_grad``;
+``jac_pair = (f(z_in), z_in)`` when ``want_jac`` (for :func:`jacobian_penalty`), else None.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from multizoo_ext.fusions.deq_solvers import get_solver, residuals
+
+__all__ = [
+    "BACKWARD_MODES",
+    "DEFAULT_JAC_VECTORS",
+    "DEFAULT_PHANTOM_STEPS",
+    "DEFAULT_PHANTOM_TAU",
+    "ImplicitBackward",
+    "PhantomBackward",
+    "UnrolledBackward",
+    "build_backward",
+    "jacobian_penalty",
+]
+
+Func = Callable[[torch.Tensor], torch.Tensor]
+Solve = Callable[[Func, torch.Tensor], Tuple[torch.Tensor, Dict[str, Any]]]
+JacPair = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+# ---------------------------------------------------------------------------- defaults
+#: Phantom gradient: unrolled steps from the fixed point and their damping (torchdeq's
+#: phantom-gradient paper uses a handful of steps; tau = 1 is the truncated Neumann series).
+DEFAULT_PHANTOM_STEPS = 5
+DEFAULT_PHANTOM_TAU = 1.0
+#: Random vectors of the Hutchinson estimate of ||J_f||_F^2 (reference: 2).
+DEFAULT_JAC_VECTORS = 2
+#: With compaction, the backward solve drops converged samples once at least this fraction
+#: of its working rows is done: each drop recomputes f on the remaining rows (about one
+#: vector-Jacobian product's cost), which later products then save.
+BACKWARD_COMPACT_FRACTION = 0.25
+
+
+def jacobian_penalty(fz: torch.Tensor, z_in: torch.Tensor, n_vectors: int = DEFAULT_JAC_VECTORS,
+                     create_graph: bool = True) -> torch.Tensor:
+    """Hutchinson estimate of ``||J_f(z)||_F^2 / numel(z)``.
+
+    ``E_v ||v^T J||^2 = ||J||_F^2`` for ``v ~ N(0, I)``; averaged over ``n_vectors`` draws
+    and divided by ``z.numel()`` (``B * n``), as in the reference.
+
+    Args:
+        fz: ``f(z_in)`` (B, n), with a graph back to ``z_in``.
+        z_in: ``(B, n)`` leaf that requires grad.
+        n_vectors: random vectors. Default: 2.
+        create_graph: keep the graph so the estimate can be trained on. Default: True.
+
+    Returns:
+        Scalar tensor (>= 0).
+    """
+    total = fz.new_zeros(())
+    for _ in range(int(n_vectors)):
+        v = torch.randn_like(fz)
+        (vj,) = torch.autograd.grad(fz, z_in, v, retain_graph=True, create_graph=create_graph)
+        total = total + vj.pow(2).sum()
+    return total / (int(n_vectors) * z_in.numel())
+
+
+class _ImplicitFn(torch.autograd.Function):
+    """Identity on ``fz`` whose backward solves ``y = y J + g`` (one node per forward)."""
+
+    @staticmethod
+    def forward(ctx: Any, fz: torch.Tensor, z_in: torch.Tensor,  # type: ignore[override]
+                f: Callable[..., torch.Tensor], solve: Solve, compact: Union[bool, float],
+                info: Dict[str, Any]) -> torch.Tensor:
+        ctx.save_for_backward(fz, z_in)
+        ctx.f, ctx.solve, ctx.compact, ctx.info = f, solve, compact, info
+        return fz.view_as(fz)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        fz, z_in = ctx.saved_tensors
+        g = g.detach()
+        B = g.shape[0]
+        # Graph of f for the rows still being solved; the full batch uses the forward's
+        # recomputation. When the solver drops converged samples (compact), f is recomputed
+        # on the remaining rows once, so later vector-Jacobian products cost only those rows.
+        graph: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {B: (fz, z_in, g)}
+
+        def step(y: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+            b = y.shape[0]                                            # y J_f(z*) + g, (b, n)
+            if b not in graph:
+                assert index is not None
+                with torch.enable_grad():
+                    zi = z_in.detach().index_select(0, index).requires_grad_()
+                    fzi = ctx.f(zi, index)
+                for key in [k for k in graph if k != B]:
+                    del graph[key]
+                graph[b] = (fzi, zi, g.index_select(0, index))
+            out, inp, rhs = graph[b]
+            (vjp,) = torch.autograd.grad(out, inp, y, retain_graph=True)
+            return vjp + rhs
+
+        # Start at g, which is the first fixed-point iterate from 0 (saves one VJP).
+        y, binfo = ctx.solve(step, g, compact=ctx.compact)
+        graph.clear()
+        ctx.info["backward"] = binfo
+        return y, None, None, None, None, None
+
+
+class ImplicitBackward:
+    """Implicit differentiation at the fixed point (see module docstring).
+
+    Args:
+        solver: name of the backward solver (``'anderson'``, ``'broyden'``,
+            ``'fixed_point_iter'``).
+        max_iter: cap on vector-Jacobian products per backward.
+        tol: per-sample tolerance of the backward fixed point.
+        stop_mode: ``'rel'`` or ``'abs'``.
+        solver_options: extra solver keyword arguments (``m``, ``lam``, ``beta``, ...).
+        compact: let the backward solver drop converged samples; ``f`` must then accept
+            ``f(z_sub, index)`` (as a DEQ layer's map does). Default: False.
+    """
+
+    solves_forward = True
+
+    def __init__(self, solver: str, max_iter: int, tol: float, stop_mode: str,
+                 solver_options: Optional[Mapping[str, Any]] = None, compact: bool = False) -> None:
+        opts = {k: v for k, v in dict(solver_options or {}).items() if k not in ("compact", "trace")}
+        self.compact: Union[bool, float] = BACKWARD_COMPACT_FRACTION if compact else False
+        self.backward_solve: Solve = functools.partial(
+            get_solver(solver), max_iter=int(max_iter), tol=float(tol), stop_mode=stop_mode, **opts)
+
+    def run(self, f: Func, z0: torch.Tensor, solve: Solve, needs_grad: bool, want_jac: bool,
+            trace: bool = False) -> Tuple[torch.Tensor, Dict[str, Any], JacPair]:
+        with torch.no_grad():
+            z_star, info = solve(f, z0)
+        if not needs_grad:
+            return z_star, info, None
+        z_in = z_star.detach().requires_grad_()
+        fz = f(z_in)                                                  # (B, n), one step with a graph
+        out = _ImplicitFn.apply(fz, z_in, f, self.backward_solve, self.compact, info)
+        return out, info, ((fz, z_in) if want_jac else None)
+
+
+class PhantomBackward:
+    """Phantom gradient: ``steps`` damped iterations from ``z*`` with a graph.
+
+    Args:
+        steps: unrolled steps (>= 1). Default: 5.
+        tau: damping in (0, 1]. Default: 1.0.
+    """
+
+    solves_forward = True
+
+    def __init__(self, steps: int = DEFAULT_PHANTOM_STEPS, tau: float = DEFAULT_PHANTOM_TAU) -> None:
+        if int(steps) < 1:
+            raise ValueError(f"phantom gradient needs steps >= 1, got {steps}")
+        if not 0.0 < float(tau) <= 1.0:
+            raise ValueError(f"phantom gradient damping tau must be in (0, 1], got {tau}")
+        self.steps, self.tau = int(steps), float(tau)
+
+    def run(self, f: Func, z0: torch.Tensor, solve: Solve, needs_grad: bool, want_jac: bool,
+            trace: bool = False) -> Tuple[torch.Tensor, Dict[str, Any], JacPair]:
+        with torch.no_grad():
+            z_star, info = solve(f, z0)
+        if not needs_grad:
+            return z_star, info, None
+        z = z_star.detach().requires_grad_(want_jac)
+        jac: JacPair = None
+        for k in range(self.steps):
+            fz = f(z)
+            if k == 0 and want_jac:
+                jac = (fz, z)
+            z = fz if self.tau == 1.0 else torch.lerp(z, fz, self.tau)
+        return z, info, jac
+
+
+class UnrolledBackward:
+    """Weight-tied unrolling from ``z0`` with plain backprop (ablation; no solver).
+
+    Args:
+        steps: iterations (>= 1).
+        tol, stop_mode: only to fill ``info['converged']`` (last step's residual <= tol).
+    """
+
+    solves_forward = False
+
+    def __init__(self, steps: int, tol: float, stop_mode: str) -> None:
+        if int(steps) < 1:
+            raise ValueError(f"unrolled mode needs steps >= 1, got {steps}")
+        self.steps, self.tol, self.stop_mode = int(steps), float(tol), stop_mode
+
+    def run(self, f: Func, z0: torch.Tensor, solve: Solve, needs_grad: bool, want_jac: bool,
+            trace: bool = False) -> Tuple[torch.Tensor, Dict[str, Any], JacPair]:
+        trace_abs, trace_rel = [], []
+        z = z0
+        abs_res = rel_res = None
+        with torch.set_grad_enabled(needs_grad):
+            for k in range(self.steps):
+                fz = f(z)
+                if trace or k == self.steps - 1:
+                    abs_res, rel_res = residuals(z.detach(), fz.detach())  # residual of z, (B,)
+                if trace:
+                    trace_abs.append(abs_res)
+                    trace_rel.append(rel_res)
+                z = fz
+        res = abs_res if self.stop_mode == "abs" else rel_res
+        B = z0.shape[0]
+        info: Dict[str, Any] = {
+            "steps": torch.full((B,), self.steps, dtype=torch.long, device=z0.device),
+            "abs_residual": abs_res,
+            "rel_residual": rel_res,
+            "converged": res <= self.tol,
+            "nan": ~torch.isfinite(res),
+            "diverged": torch.zeros(B, dtype=torch.bool, device=z0.device),
+            "iterations": self.steps,
+            "stop_mode": self.stop_mode,
+            "tol": self.tol,
+            "max_iter": self.steps,
+        }
+        if trace:
+            info["trace_abs"], info["trace_rel"] = trace_abs, trace_rel
+        jac: JacPair = None
+        if needs_grad and want_jac:
+            z_in = z.detach().requires_grad_()
+            jac = (f(z_in), z_in)
+        return z, info, jac
+
+
+BACKWARD_MODES = ("implicit", "phantom", "unrolled")
+
+
+def build_backward(mode: str, *, b_solver: str, b_max_iter: int, b_tol: float, stop_mode: str,
+                   solver_options: Optional[Mapping[str, Any]] = None,
+                   phantom_steps: int = DEFAULT_PHANTOM_STEPS, phantom_tau: float = DEFAULT_PHANTOM_TAU,
+                   unroll_steps: int = 1, f_tol: float = 0.0, compact: bool = False) -> Any:
+    """Resolve a gradient mode by name into an object with ``run(...)``.
+
+    Args:
+        mode: ``'implicit'``, ``'phantom'`` or ``'unrolled'``.
+        b_solver, b_max_iter, b_tol, stop_mode, solver_options, compact: implicit mode's
+            backward solve (see :class:`ImplicitBackward`).
+        phantom_steps, phantom_tau: phantom mode.
+        unroll_steps, f_tol: unrolled mode (``f_tol`` only fills ``info['converged']``).
+
+    Raises:
+        ValueError: unknown mode; the message lists the known ones.
+    """
+    key = str(mode).lower()
+    if key == "implicit":
+        return ImplicitBackward(b_solver, b_max_iter, b_tol, stop_mode, solver_options, compact)
+    if key == "phantom":
+        return PhantomBackward(phantom_steps, phantom_tau)
+    if key == "unrolled":
+        return UnrolledBackward(unroll_steps, f_tol, stop_mode)
+    raise ValueError(f"unknown DEQ backward mode {mode!r}; known modes: {', '.join(BACKWARD_MODES)}")

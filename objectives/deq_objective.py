@@ -1,0 +1,120 @@
+"""DEQ fusion objective in MultiBench's ``objective(pred, truth, args)`` form.
+
+``deq_objective(task_criterion, jacobian_weight)`` returns a closure for MultiBench's
+``train(objective=..., objective_args_dict={})`` and for our supervised loop (same contract)::
+
+    loss = task_loss(pred, truth) + jacobian_weight * jac_loss
+
+where ``jac_loss`` is the Hutchinson estimate of ``||J_f(z*)||_F^2 / numel`` that a
+:class:`~multizoo_ext.fusions.deq.DEQFusion` built with ``jac_reg=True`` keeps as
+``.jac_loss`` after each training forward. The DEQ module is found in ``args['deq']`` when
+the caller put it there, else in ``args['model']`` (MultiBench's MMDL: its ``.fuse`` and
+that module's children first, so a DEQFusion wrapped by e.g. ``ReFNet(...).fusion`` is found,
+then the whole model).
+
+Reference weights: 0.1 on MM-IMDB, 20 on BRCA, 0.01 on MOSI.
+
+MultiBench calls a custom objective with ``args = objective_args_dict``, which stays ``None``
+unless the caller passes a dict: pass ``objective_args_dict={}`` to ``train()``. ``truth``
+arrives on the CPU there: it is moved to ``pred.device`` here (CrossEntropy labels ``(B, 1)``
+are squeezed to ``(B,)`` int64, BCE/MSE labels cast to float, as MultiBench does).
+
+Example::
+
+    fusion = DEQFusion([512, 512], jac_reg=True)
+    train(encoders, fusion, head, traindata, validdata, 10, task="multilabel",
+          objective=deq_objective(nn.BCEWithLogitsLoss(), jacobian_weight=0.1),
+          objective_args_dict={})
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, MutableMapping, Optional
+
+from torch import Tensor, nn
+
+from multizoo_ext.fusions.deq import DEQFusion, find_deq
+from multizoo_ext.objectives.refnet_objective import default_criterion, task_loss
+from multizoo_ext.registry import register_objective
+
+__all__ = ["DEFAULT_JACOBIAN_WEIGHT", "deq_objective", "find_deq_in_args"]
+
+Objective = Callable[[Tensor, Tensor, Optional[MutableMapping[str, Any]]], Tensor]
+
+#: Weight of the Jacobian term (reference value on MM-IMDB).
+DEFAULT_JACOBIAN_WEIGHT = 0.1
+
+
+def find_deq_in_args(args: Optional[Mapping[str, Any]]) -> Optional[DEQFusion]:
+    """The DEQFusion an objective should read: ``args['deq']`` (a DEQFusion or a module
+    holding one), else the first one in ``args['model'].fuse``, else in ``args['model']``.
+    None when there is none (or ``args`` is None)."""
+    if not args:
+        return None
+    explicit = args.get("deq")
+    if explicit is not None:
+        found = find_deq(explicit) if isinstance(explicit, nn.Module) else None
+        if found is None:
+            raise TypeError(f"args['deq'] must be a DEQFusion or a module holding one, got {type(explicit).__name__}")
+        return found
+    model = args.get("model")
+    if not isinstance(model, nn.Module):
+        return None
+    fuse = getattr(model, "fuse", None)
+    return find_deq(fuse if isinstance(fuse, nn.Module) else None) or find_deq(model)
+
+
+@register_objective("deq")
+def deq_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                  jacobian_weight: float = DEFAULT_JACOBIAN_WEIGHT,
+                  task: str = "classification") -> Objective:
+    """Task loss plus the DEQ fusion's Jacobian penalty, for MultiBench's ``train``.
+
+    Args:
+        task_criterion: ``(pred, truth) -> scalar`` task loss (e.g. ``nn.BCEWithLogitsLoss()``).
+            Default: MultiBench's loss for ``task`` (CrossEntropy / BCEWithLogits / MSE).
+        jacobian_weight: weight of ``jac_loss``; 0 gives the task loss alone. Default: 0.1.
+        task: used only when ``task_criterion`` is None.
+
+    Returns:
+        ``objective(pred, truth, args) -> scalar``. In validation (``args['training']``
+        False) it returns the task loss (the penalty is only computed in training).
+
+    Raises (when the closure is called in training with ``jacobian_weight > 0``):
+        ValueError: ``args`` is None (pass ``objective_args_dict={}`` to ``train``), no
+        DEQFusion in ``args``, or the DEQFusion was built without ``jac_reg=True``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from multizoo_ext.fusions.deq import DEQFusion
+        >>> deq = DEQFusion([4, 6], width=8, jac_reg=True)
+        >>> head = nn.Linear(8, 3)
+        >>> pred = head(deq([torch.randn(5, 4), torch.randn(5, 6)]))
+        >>> loss = deq_objective(nn.CrossEntropyLoss(), 0.1)(pred, torch.tensor([0, 1, 2, 0, 1]), {"deq": deq})
+        >>> loss.backward()
+    """
+    weight = float(jacobian_weight)
+    if weight < 0:
+        raise ValueError(f"deq_objective: jacobian_weight must be >= 0, got {jacobian_weight}")
+    criterion = default_criterion(task) if task_criterion is None else task_criterion
+
+    def objective(pred: Tensor, truth: Tensor, args: Optional[MutableMapping[str, Any]] = None) -> Tensor:
+        loss = task_loss(criterion, pred, truth)
+        if weight == 0.0:
+            return loss
+        training = True if args is None else bool(args.get("training", True))
+        if not training:
+            return loss
+        if args is None:
+            raise ValueError("deq_objective needs the model to find the Jacobian penalty: pass "
+                             "objective_args_dict={} to train() (or set jacobian_weight=0)")
+        deq = find_deq_in_args(args)
+        if deq is None:
+            raise ValueError("deq_objective found no DEQFusion in args['deq'] or args['model']; "
+                             "put it in objective_args_dict['deq'] or set jacobian_weight=0")
+        if deq.jac_loss is None:
+            raise ValueError("deq_objective: the DEQFusion computed no Jacobian penalty in this training "
+                             "step; build it with DEQFusion(..., jac_reg=True) or set jacobian_weight=0")
+        return loss + weight * deq.jac_loss.to(loss.device)
+
+    return objective

@@ -1,0 +1,299 @@
+"""DEQFusion: the equilibrium, its gradients (implicit vs unrolled vs finite differences),
+per-sample independence, several modalities, backward modes, Jacobian penalty, errors."""
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from multizoo_ext import create_fusion
+from multizoo_ext.fusions.deq import DEQ_DEFAULTS, DEQFusion, find_deq
+from multizoo_ext.fusions.deq_solvers import anderson, residuals
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: one thread avoids OpenMP stalls on a busy shared CPU.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _inputs(dims, B=4, dtype=torch.float32, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, d, generator=g, dtype=dtype).requires_grad_(requires_grad) for d in dims]
+
+
+def _contractive(m: DEQFusion) -> DEQFusion:
+    """Make f_theta strongly contractive (plain iteration converges in ~20 steps), so that
+    unrolling to convergence is a valid reference: small last GroupNorm gains shrink the state
+    and a small W1 makes GN1's input bias-dominated."""
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.gn3.weight.fill_(0.1)
+            blk.lin1.weight.mul_(0.1)
+        m.fusion_block.gn.weight.fill_(0.1)
+    return m
+
+
+def _grads(m):
+    return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def _rel_err(a, b):
+    num = sum(((a[k] - b[k]) ** 2).sum() for k in b)
+    den = sum((v ** 2).sum() for v in b.values())
+    return float((num / den).sqrt())
+
+
+@pytest.mark.parametrize("dims", [[5, 7], [5, 7, 3]])
+def test_registry_construction_and_shapes(dims):
+    fusion = create_fusion("deq", input_dims=dims)
+    assert isinstance(fusion, DEQFusion)
+    assert fusion.out_dim == fusion.width == 8                      # max(dims) rounded up to num_groups
+    xs = _inputs(dims, B=3)
+    out = fusion(xs)
+    assert out.shape == (3, 8) and bool(torch.isfinite(out).all())
+    out.square().sum().backward()
+    for name, p in fusion.named_parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
+
+
+@pytest.mark.parametrize("dims", [[6, 10], [4, 9, 16], [3, 5, 8, 13, 16, 2]])
+def test_two_three_and_six_modalities_of_different_widths(dims):
+    torch.manual_seed(0)
+    fusion = DEQFusion(dims, width=16)
+    fused, info = fusion(_inputs(dims, B=5), return_info=True)
+    assert fused.shape == (5, 16) and fusion.state_dim == (len(dims) + 1) * 16
+    for key in ("steps", "abs_residual", "rel_residual", "converged", "nan", "diverged"):
+        assert info[key].shape == (5,), key
+    assert fusion.last_info is info
+    assert [type(p).__name__ for p in fusion.projections] == ["Identity" if d == 16 else "Linear" for d in dims]
+    fused.sum().backward()
+    assert fusion.projections[0].weight.grad is not None and fusion.weights.grad.shape == (len(dims),)
+
+
+def test_fast_map_equals_the_module_by_module_definition():
+    torch.manual_seed(0)
+    fusion = DEQFusion([5, 7, 3], width=12, num_groups=3).double()
+    with torch.no_grad():
+        for p in fusion.parameters():
+            p.add_(0.1 * torch.randn_like(p))                         # non-trivial GN affines, w_i, b
+    xs = _inputs([5, 7, 3], B=4, dtype=torch.float64)
+    z = torch.randn(4, fusion.state_dim, dtype=torch.float64)
+    f = fusion.deq_function(xs)
+    torch.testing.assert_close(f(z), fusion.naive_step(z, xs), rtol=1e-12, atol=1e-12)
+    index = torch.tensor([2, 0])
+    torch.testing.assert_close(f(z[index], index), fusion.naive_step(z, xs)[index], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("contractive", [True, False])
+def test_forward_returns_a_fixed_point_within_tolerance(contractive):
+    # At random initialisation f_theta need not be contractive and some samples may not reach
+    # the tolerance within the cap (they are reported as not converged); every sample reported
+    # converged must satisfy it, checked on ||f(z*) - z*|| / ||f(z*)|| directly.
+    torch.manual_seed(0)
+    fusion = DEQFusion([6, 10], width=16, f_tol=1e-8, f_max_iter=150).double().eval()
+    if contractive:
+        _contractive(fusion)
+    xs = _inputs([6, 10], B=8, dtype=torch.float64)
+    with torch.no_grad():
+        fused, info = fusion(xs, return_info=True)
+        f = fusion.deq_function(xs)
+        z, zinfo = anderson(f, torch.zeros(8, fusion.state_dim, dtype=torch.float64), max_iter=150, tol=1e-8)
+        _, rel = residuals(z, f(z))
+    conv = zinfo["converged"]
+    assert int(conv.sum()) >= (8 if contractive else 4)
+    assert float(rel[conv].max()) <= 1e-8
+    torch.testing.assert_close(zinfo["rel_residual"][conv], rel[conv], rtol=1e-6, atol=0)
+    both = conv & info["converged"]
+    assert int(both.sum()) >= (8 if contractive else 4)
+    torch.testing.assert_close(fused[both], z[both, -16:], rtol=0, atol=1e-6)
+
+
+def test_implicit_gradients_match_unrolling_to_convergence_float64():
+    torch.manual_seed(0)
+    dims = [5, 7, 3]
+    implicit = _contractive(DEQFusion(dims, width=16, f_tol=1e-12, b_tol=1e-12, f_max_iter=100,
+                                      b_max_iter=100, stop_mode="abs").double())
+    unrolled = DEQFusion(dims, width=16, backward="unrolled", unroll_steps=60).double()
+    unrolled.load_state_dict(implicit.state_dict())
+    xs = _inputs(dims, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(4, 16, dtype=torch.float64)
+
+    out_i, info = implicit(xs, return_info=True)
+    (out_i - target).square().sum().backward()
+    g_i, gx_i = _grads(implicit), [x.grad.clone() for x in xs]
+    for x in xs:
+        x.grad = None
+    out_u, info_u = unrolled(xs, return_info=True)
+    (out_u - target).square().sum().backward()
+    g_u, gx_u = _grads(unrolled), [x.grad.clone() for x in xs]
+
+    assert bool(info["converged"].all()) and bool(info["backward"]["converged"].all())
+    assert float(info_u["abs_residual"].max()) < 1e-12                # unrolling did converge
+    torch.testing.assert_close(out_i, out_u, rtol=0, atol=1e-10)
+    assert _rel_err(g_i, g_u) <= 1e-4
+    assert _rel_err(dict(enumerate(gx_i)), dict(enumerate(gx_u))) <= 1e-4
+
+
+def test_gradcheck_against_finite_differences():
+    torch.manual_seed(0)
+    fusion = _contractive(DEQFusion([3, 2], width=8, num_groups=2, f_tol=1e-13, b_tol=1e-13,
+                                    f_max_iter=100, b_max_iter=100, stop_mode="abs").double())
+    xa, xb = _inputs([3, 2], B=2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: fusion([a, b]), (xa, xb), eps=1e-6, atol=1e-7, rtol=1e-5)
+    # parameters' gradients through the implicit backward, too
+    names = ("fusion_block.gate.bias", "weights")
+    params = tuple(dict(fusion.named_parameters())[n].detach().clone().requires_grad_() for n in names)
+    xs = [xa.detach(), xb.detach()]
+    assert torch.autograd.gradcheck(
+        lambda *p: functional_call(fusion, dict(zip(names, p)), (xs,)), params, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_sample_output_does_not_change_when_other_samples_join():
+    # Per-sample stopping: a converged sample is frozen at the iterate where it met the
+    # tolerance, whatever else is in the batch; on a contraction the trajectory is the same
+    # up to the rounding of batched products.
+    torch.manual_seed(0)
+    fusion = _contractive(DEQFusion([6, 10], width=16, f_tol=1e-8, f_max_iter=150).double().eval())
+    xs = _inputs([6, 10], B=8, dtype=torch.float64)
+    with torch.no_grad():
+        full, info = fusion(xs, return_info=True)
+        assert bool(info["converged"].all()) and len(set(info["steps"].tolist())) > 1
+        for b in (0, 3, 7):
+            alone, info_b = fusion([x[b:b + 1] for x in xs], return_info=True)
+            torch.testing.assert_close(alone[0], full[b], rtol=0, atol=1e-12)
+            assert int(info_b["steps"][0]) == int(info["steps"][b])
+        part, _ = fusion([x[[6, 2, 1]] for x in xs], return_info=True)
+    torch.testing.assert_close(part, full[[6, 2, 1]], rtol=0, atol=1e-12)
+
+
+def test_no_coupling_between_samples_at_random_init():
+    # At random init f_theta is not contractive and a sample may wander chaotically before it
+    # settles, so rounding differences between batch shapes can send it to another iterate or
+    # even another fixed point. With the batch shape fixed (no compaction), rows see identical
+    # arithmetic, so a sample's result must not depend on its companions at all.
+    torch.manual_seed(0)
+    fusion = DEQFusion([6, 10], width=16, f_max_iter=80, compact=False).double().eval()
+    xs = _inputs([6, 10], B=8, dtype=torch.float64, seed=0)
+    others = _inputs([6, 10], B=8, dtype=torch.float64, seed=1)
+    mixed = [torch.cat([x[:3], o[3:]]) for x, o in zip(xs, others)]
+    with torch.no_grad():
+        a, info_a = fusion(xs, return_info=True)
+        b, info_b = fusion(mixed, return_info=True)
+    torch.testing.assert_close(b[:3], a[:3], rtol=0, atol=1e-12)
+    assert torch.equal(info_b["steps"][:3], info_a["steps"][:3])
+
+
+def test_nan_input_raises_at_the_boundary():
+    fusion = DEQFusion([4, 6], width=8)
+    xs = _inputs([4, 6])
+    xs[1][2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"modality \[1\] contain NaN/Inf"):
+        fusion(xs)
+
+
+def test_bad_construction_and_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="width 10 is not divisible by num_groups 4"):
+        DEQFusion([5, 7], width=10, num_groups=4)
+    with pytest.raises(ValueError, match="at least 2 modalities"):
+        DEQFusion([5])
+    with pytest.raises(ValueError, match="unknown DEQ solver 'newton'"):
+        DEQFusion([5, 7], solver="newton")
+    with pytest.raises(ValueError, match="unknown DEQ backward mode 'magic'; known modes: implicit, phantom"):
+        DEQFusion([5, 7], backward="magic")
+    fusion = DEQFusion([5, 7])
+    with pytest.raises(ValueError, match=r"built for modality widths \[5, 7\] but got widths \[5, 6\]"):
+        fusion(_inputs([5, 6]))
+    with pytest.raises(ValueError, match="built for 2 modalities but got 3"):
+        fusion(_inputs([5, 7, 3]))
+
+
+def test_two_forwards_then_one_backward_equals_separate_backwards():
+    torch.manual_seed(0)
+    fusion = DEQFusion([5, 7], width=16, b_tol=1e-6, b_max_iter=100).double()
+    x1, x2 = _inputs([5, 7], dtype=torch.float64, seed=1), _inputs([5, 7], dtype=torch.float64, seed=2)
+    (fusion(x1).square().sum() + fusion(x2).sin().sum()).backward()
+    together = _grads(fusion)
+    fusion.zero_grad()
+    fusion(x1).square().sum().backward()
+    fusion(x2).sin().sum().backward()                                 # grads accumulate
+    torch.testing.assert_close(_grads(fusion), together, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "phantom", "unrolled"])
+def test_every_backward_mode_gives_gradients(backward):
+    torch.manual_seed(0)
+    fusion = DEQFusion([5, 7, 3], width=16, backward=backward, f_max_iter=20, b_max_iter=20)
+    xs = _inputs([5, 7, 3], requires_grad=True)
+    out, info = fusion(xs, return_info=True)
+    out.square().sum().backward()
+    for name, p in fusion.named_parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
+    assert all(x.grad is not None and float(x.grad.abs().sum()) > 0 for x in xs)
+    assert ("backward" in info) == (backward == "implicit")
+
+
+def test_phantom_gradient_approaches_implicit_on_a_contraction():
+    torch.manual_seed(0)
+    base = _contractive(DEQFusion([5, 7], width=16, f_tol=1e-10, b_tol=1e-10, stop_mode="abs").double())
+    xs = _inputs([5, 7], dtype=torch.float64)
+    base(xs).square().sum().backward()
+    g_impl = _grads(base)
+    phantom = DEQFusion([5, 7], width=16, backward="phantom", phantom_steps=12, f_tol=1e-10,
+                        stop_mode="abs").double()
+    phantom.load_state_dict(base.state_dict())
+    phantom(xs).square().sum().backward()
+    assert _rel_err(_grads(phantom), g_impl) < 1e-3
+
+
+@pytest.mark.parametrize("solver", ["broyden", "fixed_point_iter"])
+def test_other_solvers_train(solver):
+    torch.manual_seed(0)
+    fusion = _contractive(DEQFusion([5, 7], width=16, solver=solver, f_tol=1e-6, b_tol=1e-6))
+    out, info = fusion(_inputs([5, 7]), return_info=True)
+    out.sum().backward()
+    assert bool(info["converged"].all()) and bool(info["backward"]["converged"].all())
+
+
+def test_jacobian_penalty_is_positive_and_trains():
+    torch.manual_seed(0)
+    fusion = DEQFusion([5, 7], width=16, jac_reg=True)
+    out = fusion(_inputs([5, 7]))
+    jac = fusion.jac_loss
+    assert jac is not None and jac.dim() == 0 and float(jac.detach()) > 0 and jac.requires_grad
+    assert float(fusion.last_info["jac_loss"]) == pytest.approx(float(jac.detach()))
+    (out.sum() * 0 + jac).backward()
+    grads = [p.grad for p in fusion.blocks.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    fusion.eval()
+    with torch.no_grad():
+        fusion(_inputs([5, 7]))
+    assert fusion.jac_loss is None and fusion.last_info["jac_loss"] is None
+
+
+def test_defaults_live_in_one_place_and_copies_drop_state():
+    fusion = DEQFusion([5, 7])
+    assert fusion._solve.keywords["max_iter"] == DEQ_DEFAULTS.f_max_iter == 55
+    assert fusion._grad.backward_solve.keywords["max_iter"] == DEQ_DEFAULTS.b_max_iter == 56
+    fusion(_inputs([5, 7]))
+    clone = copy.deepcopy(fusion)
+    assert clone.last_info is None and clone.jac_loss is None
+    wrapper = torch.nn.Sequential(torch.nn.Identity(), fusion)
+    assert find_deq(wrapper) is fusion and find_deq(torch.nn.Linear(2, 2)) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    torch.manual_seed(0)
+    cpu = _contractive(DEQFusion([5, 7], width=16, f_tol=1e-6, b_tol=1e-6, jac_reg=True))
+    gpu = copy.deepcopy(cpu).to("cuda")
+    xs = _inputs([5, 7])
+    cpu(xs).square().sum().backward()
+    out = gpu([x.to("cuda") for x in xs])
+    assert out.device.type == "cuda" and gpu.last_info["steps"].device.type == "cuda"
+    out.square().sum().backward()
+    for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-4, msg=name)
