@@ -11,14 +11,6 @@ from multizoo_ext.fusions.deq import DEQ_DEFAULTS, DEQFusion, find_deq
 from multizoo_ext.fusions.deq_solvers import anderson, residuals
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP stalls on a busy shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _inputs(dims, B=4, dtype=torch.float32, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)

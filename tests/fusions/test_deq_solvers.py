@@ -7,14 +7,6 @@ from multizoo_ext.fusions.deq_solvers import SOLVERS, anderson, broyden, fixed_p
 SOLVER_NAMES = sorted(SOLVERS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP stalls on a busy shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _problem(B=6, n=12, dtype=torch.float64, seed=0, contraction=0.8):
     """A row-wise contraction z -> tanh(z W^T + c_b) and its compacting form f(z, index)."""

@@ -11,14 +11,6 @@ from multizoo_ext.training_structures.supervised import MMDL, train
 from multizoo_ext.unimodals.common_models import MLP
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP stalls on a busy shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _model(wrap=False, jac_reg=True, n_out=3):
     torch.manual_seed(0)

@@ -18,14 +18,6 @@ from multizoo_ext.objectives.multisimilarity import (
 )
 from multizoo_ext.objectives.multisimilarity import _needs_shift
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds waiting, badly so on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TOL = {torch.float64: dict(atol=1e-9, rtol=1e-9), torch.float32: dict(atol=2e-5, rtol=1e-4)}
 HP = dict(alpha=DEFAULT_ALPHA, beta=DEFAULT_BETA, base=DEFAULT_BASE, epsilon=DEFAULT_EPSILON)

@@ -14,14 +14,6 @@ from multizoo_ext.objectives.refiner import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds waiting, badly so on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def cos(a, b):
     return (a @ b) / (a.norm() * b.norm())
