@@ -48,11 +48,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -66,6 +64,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from multizoo_ext import __version__
+from multizoo_ext.checkpoint import atomic_write
 from multizoo_ext.builder import DataSpec, build_encoders, build_model, default_objective, infer_data_spec
 from multizoo_ext.metrics import SELECTION_METRIC, TASKS, compute_metrics
 from multizoo_ext.registry import DATASETS, FUSIONS, OBJECTIVES, create_dataset, create_objective
@@ -348,19 +347,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder + ``os.replace``,
-    so an interruption leaves either the old or the new file, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Atomically replace ``path`` with ``text`` (UTF-8)."""
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 class _RunStore:

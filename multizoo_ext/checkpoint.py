@@ -23,7 +23,9 @@ def config_path(path: PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(binary_file)`` on a temp file in ``path``'s folder, then ``os.replace`` it onto
+    ``path``: an interruption leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -45,10 +47,10 @@ def save_checkpoint(path: PathLike, state: Union[nn.Module, Dict[str, torch.Tens
     path = Path(path)
     sd = state.state_dict() if isinstance(state, nn.Module) else state
     sd = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
-    _atomic_write(path, lambda fh: torch.save(sd, fh))
+    atomic_write(path, lambda fh: torch.save(sd, fh))
     if config is not None:
         text = json.dumps(config, indent=2, sort_keys=True, default=str).encode()
-        _atomic_write(config_path(path), lambda fh: fh.write(text))
+        atomic_write(config_path(path), lambda fh: fh.write(text))
     return path
 
 
