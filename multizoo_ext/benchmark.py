@@ -28,9 +28,13 @@ For honesty, every dataset also gets two baseline rows (``config.baselines``):
 
 Per-fusion objectives: a fusion whose training needs a special loss is mapped, in
 ``config.fusion_objectives``, to the name of an objective factory in the objective registry
-(default ``{"refnet": "refnet"}``); the runner then calls
+(default ``{"refnet": "refnet", "deq": "deq"}``); the runner then calls
 ``create_objective(name, task=task, **config.objective_kwargs.get(fusion, {}))`` and trains
-with ``objective_args_dict={}``. The runner imports no method internals.
+with ``objective_args_dict={}``. The runner imports no method internals. Per-fusion defaults
+(:data:`FUSION_DEFAULT_KWARGS`, :data:`FUSION_DEFAULT_LR_MULT`) sit under the user's settings:
+DEQ fusion is built with ``jac_reg=True`` (its objective adds ``0.1 * jac_loss``) and trained
+with the fusion's learning rate times 0.1, as the authors' MM-IMDB script does; pass e.g.
+``--fusion-arg deq:jac_reg=false --objective deq=default --fusion-lr-mult deq=1`` to drop them.
 
 Example:
     >>> from multizoo_ext.benchmark import BenchmarkConfig, run_benchmark
@@ -82,6 +86,12 @@ SINGLE_MODALITY = "best-single-modality"
 #: Method name of the scikit-learn logistic-regression baseline row.
 LOGREG = "logreg"
 BASELINES = (SINGLE_MODALITY, LOGREG)
+#: Constructor keywords a fusion gets unless the config overrides them: DEQ fusion computes
+#: its Jacobian penalty, which its default objective (``"deq"``, weight 0.1) adds.
+FUSION_DEFAULT_KWARGS: Dict[str, Dict[str, Any]] = {"deq": {"jac_reg": True}}
+#: Learning-rate multipliers of a fusion's parameters unless the config overrides them
+#: (DEQFusion's MM-IMDB script trains the fusion at 0.1 x the learning rate).
+FUSION_DEFAULT_LR_MULT: Dict[str, float] = {"deq": 0.1}
 
 #: Metrics shown in the Markdown table (and the bar plots) per task; the first one is the
 #: headline metric logged per run. F1 is macro-averaged for classification.
@@ -166,12 +176,14 @@ class BenchmarkConfig:
         output: folder for results.json, results.md and the figures. Default: "runs/bench".
         data_kwargs: per dataset, extra keywords for its loader, e.g.
             ``{"rosmap": {"path": "../shared/data/ROSMAP"}}``.
-        fusion_kwargs: per fusion, extra constructor keywords, e.g. ``{"lowrank": {"rank": 8}}``.
+        fusion_kwargs: per fusion, extra constructor keywords, e.g. ``{"lowrank": {"rank": 8}}``;
+            merged over :data:`FUSION_DEFAULT_KWARGS` (``{"deq": {"jac_reg": True}}``).
         fusion_objectives: fusion name -> objective registry name, for fusions trained with a
-            special objective. Default: ``{"refnet": "refnet"}``.
+            special objective. Default: ``{"refnet": "refnet", "deq": "deq"}``.
         objective_kwargs: per fusion, keywords for its objective factory.
         fusion_lr_mult: per fusion, learning-rate multiplier of the fusion's parameters
-            (DEQ fusion's reference uses 0.1). Default: {} (1.0 for all).
+            merged over :data:`FUSION_DEFAULT_LR_MULT` (``{"deq": 0.1}``, the reference's); 1.0
+            for the others.
         robustness: also evaluate each fusion on noisy / missing-modality copies of the test
             split and record relative robustness per setting. Default: False.
         robustness_kwargs: keywords for the robustness-loader builder.
@@ -205,7 +217,7 @@ class BenchmarkConfig:
     output: str = "runs/bench"
     data_kwargs: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     fusion_kwargs: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    fusion_objectives: Dict[str, str] = field(default_factory=lambda: {"refnet": "refnet"})
+    fusion_objectives: Dict[str, str] = field(default_factory=lambda: {"refnet": "refnet", "deq": "deq"})
     objective_kwargs: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     fusion_lr_mult: Dict[str, float] = field(default_factory=dict)
     robustness: bool = False
@@ -263,12 +275,15 @@ class BenchmarkConfig:
         cfg.logreg_cs = tuple(float(c) for c in cs)
         cfg.data_kwargs = _scoped(cfg.data_kwargs, DATASETS, "data_kwargs")
         cfg.fusion_kwargs = _scoped(cfg.fusion_kwargs, FUSIONS, "fusion_kwargs")
+        cfg.fusion_kwargs = {name: {**FUSION_DEFAULT_KWARGS.get(name, {}), **cfg.fusion_kwargs.get(name, {})}
+                             for name in sorted(set(cfg.fusion_kwargs) | set(FUSION_DEFAULT_KWARGS))}
         cfg.objective_kwargs = _scoped(cfg.objective_kwargs, FUSIONS, "objective_kwargs")
         cfg.fusion_objectives = {str(k).lower(): str(v).lower() for k, v in cfg.fusion_objectives.items()}
         for fusion in cfg.fusions:
             if fusion in cfg.fusion_objectives:
                 OBJECTIVES.get(cfg.fusion_objectives[fusion])  # ValueError listing the known objectives
-        cfg.fusion_lr_mult = {str(k).lower(): float(v) for k, v in cfg.fusion_lr_mult.items()}
+        cfg.fusion_lr_mult = {**FUSION_DEFAULT_LR_MULT,
+                              **{str(k).lower(): float(v) for k, v in cfg.fusion_lr_mult.items()}}
         if any(not v > 0 for v in cfg.fusion_lr_mult.values()):
             raise ValueError(f"fusion_lr_mult values must be > 0, got {cfg.fusion_lr_mult!r}")
         if cfg.device is not None:

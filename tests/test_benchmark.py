@@ -350,11 +350,25 @@ def test_cli_options_become_config():
     assert cfg.quick and cfg.epochs == 3 and cfg.datasets == ["digits"] and cfg.seeds == [0, 1]
     assert cfg.fusion_kwargs == {"lowrank": {"rank": 2, "flatten": True}}
     assert cfg.data_kwargs == {"rosmap": {"path": "C:/data/ROSMAP"}}
-    assert cfg.fusion_objectives == {"concat": "refnet"} and cfg.objective_kwargs == {"concat": {"ms_weight": 0.1}}
+    assert cfg.fusion_objectives == {"concat": "refnet", "deq": "deq"}
+    assert cfg.objective_kwargs == {"concat": {"ms_weight": 0.1}}
     assert cfg.fusion_lr_mult == {"lowrank": 0.1}
     assert cfg.robustness and not cfg.resume and not cfg.fail_fast and not cfg.baselines
     plain = bm.config_from_args(build_parser().parse_args(["benchmark"]))
     assert plain == BenchmarkConfig(progress=None)  # options left out keep the dataclass defaults
+
+
+def test_fusion_defaults_sit_under_user_settings():
+    cfg = BenchmarkConfig(fusions=["deq", "lowrank"], fusion_kwargs={"lowrank": {"rank": 2}}).validated()
+    assert cfg.fusion_kwargs["deq"] == {"jac_reg": True} and cfg.fusion_kwargs["lowrank"] == {"rank": 2}
+    assert cfg.fusion_lr_mult == {"deq": 0.1} and cfg.fusion_objectives["deq"] == "deq"
+    mine = BenchmarkConfig(fusions=["deq"], fusion_kwargs={"deq": {"jac_reg": False, "f_tol": 1e-2}},
+                           fusion_lr_mult={"deq": 1.0}).validated()
+    assert mine.fusion_kwargs["deq"] == {"jac_reg": False, "f_tol": 1e-2} and mine.fusion_lr_mult["deq"] == 1.0
+    # the defaults are part of DEQ's resume key only: other fusions' hashes do not move
+    assert cfg.run_hash("digits", "lowrank") == BenchmarkConfig(
+        fusions=["lowrank"], fusion_kwargs={"lowrank": {"rank": 2}}).validated().run_hash("digits", "lowrank")
+    assert cfg.run_hash("digits", "deq") != mine.run_hash("digits", "deq")
 
 
 def test_cli_benchmark_errors(tmp_path, capsys):
