@@ -128,6 +128,29 @@ def _run_benchmark_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bench subcommand: the measurement scripts (code in multizoo_ext/bench/, see its docstring) ---
+def _add_bench_parser(sub: Any) -> None:
+    from multizoo_ext.bench import SCRIPTS
+
+    p = sub.add_parser("bench", help="run a measurement script of benchmarks/ (ms, deq, refnet)",
+                       description="Run one of the measurement scripts of benchmarks/ with the arguments that "
+                                   "follow, passed through unchanged: 'multizoo-ext bench ms --batches 128' is "
+                                   "'python benchmarks/bench_multisimilarity.py --batches 128'. "
+                                   "'multizoo-ext bench NAME --help' shows the script's own options.",
+                       epilog="scripts:\n" + "\n".join(f"  {name:<8} {entry['help']}"
+                                                        for name, entry in SCRIPTS.items()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("script", choices=list(SCRIPTS), help="which script: " + ", ".join(SCRIPTS))
+    p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="the script's own arguments (see 'multizoo-ext bench NAME --help')")
+
+
+def _run_bench_command(args: argparse.Namespace) -> int:
+    from multizoo_ext.bench import run_script
+
+    return run_script(args.script, args.script_args, prog=f"multizoo-ext bench {args.script}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multizoo-ext",
@@ -142,12 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_list = sub.add_parser("list", help="list registered datasets, fusions, encoders and objectives")
     p_list.set_defaults(command="list")
     _add_benchmark_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "bench":  # before logging.basicConfig: the scripts set up their own output
+        return _run_bench_command(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "list":

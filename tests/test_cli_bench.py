@@ -1,0 +1,143 @@
+"""``multizoo-ext bench {ms,deq,refnet} ...``: the measurement scripts behind the CLI.
+
+The scripts' code lives in ``multizoo_ext/bench/``; ``benchmarks/bench_*.py`` are thin wrappers.
+These tests run the CLI in-process (one subprocess checks the optional imports), on tiny sizes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import multizoo_ext.bench as bench
+from multizoo_ext.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_ms_runs_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "sub" / "ms.json"
+    threads = torch.get_num_threads()
+    rc = main(["bench", "ms", "--batches", "32", "--budget", "0", "--dim", "16",
+               "--settings", "single10,multilabel23", "--json", str(out)])
+    assert rc == 0
+    assert torch.get_num_threads() == threads
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("Multi-Similarity loss, forward + backward, CPU, 1 thread(s), dim 16")
+    assert "| setting | batch | ours ms | naive ms | PML ms |" in stdout
+    assert "largest |loss - ours|" in stdout
+    rows = json.loads(out.read_text())
+    assert [(r["setting"], r["batch"], r["dim"]) for r in rows] == [("single10", 32, 16), ("multilabel23", 32, 16)]
+    have_pml = importlib.util.find_spec("pytorch_metric_learning") is not None
+    for r in rows:
+        assert r["ours_ms"] > 0 and r["naive_ms"] > 0 and r["naive_over_ours"] > 0
+        assert r["naive_err"] < 1e-5          # the loop computes the same loss as ours
+        assert r["multibench_ms"] is None and r["multibench_status"] == "not run"
+    single, multi = rows
+    assert multi["pml_ms"] is None            # PML takes class indices only
+    if have_pml:
+        assert single["pml_ms"] > 0 and single["pml_err"] < 1e-5
+    else:
+        assert single["pml_ms"] is None
+
+
+def test_bench_passes_arguments_through_unchanged(monkeypatch):
+    seen = {}
+
+    def fake_main(argv, prog=None):
+        seen.update(argv=argv, prog=prog)
+        return {"results": 1}                 # deq / refnet return their results dict
+
+    monkeypatch.setattr(bench.load("refnet"), "main", fake_main)
+    args = ["--quick", "--parts", "reference", "-v", "--json", "x.json", "tail"]
+    assert main(["bench", "refnet", *args]) == 0
+    assert seen == {"argv": args, "prog": "multizoo-ext bench refnet"}
+    assert main(["bench", "refnet"]) == 0 and seen["argv"] == []
+
+
+def test_bench_ms_exit_status_and_script_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "ms", "--settings", "nope"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: multizoo-ext bench ms" in err and "unknown settings ['nope']" in err
+
+
+def test_bench_unknown_script_lists_choices(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "xyz", "--quick"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'xyz'" in err
+    assert "'ms'" in err and "'deq'" in err and "'refnet'" in err
+
+
+def test_bench_help_lists_scripts(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: multizoo-ext bench" in out
+    for name in bench.SCRIPTS:
+        assert f"  {name} " in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "bench" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, options", [("deq", ["--reference", "--quick", "--parts", "--plot"]),
+                                           ("refnet", ["--parts", "--quick", "--json", "--from-json"]),
+                                           ("ms", ["--batches", "--budget", "--settings", "--json"])])
+def test_bench_script_help_is_the_scripts_own(name, options, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", name, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: multizoo-ext bench {name} [-h]")
+    for option in options:
+        assert option in out
+
+
+def test_deq_plot_without_matplotlib_fails_before_measuring(monkeypatch, capsys):
+    deq = bench.load("deq")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(deq.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(deq, "run", lambda **kw: pytest.fail("measured without matplotlib"))
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "deq", "--quick", "--plot", "fig.png"])
+    assert exc.value.code == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+
+
+def test_wrapper_scripts_reexport_the_modules():
+    for name, entry in bench.SCRIPTS.items():
+        script = REPO / "benchmarks" / f"bench_{entry['module'].rsplit('.', 1)[1]}.py"
+        spec = importlib.util.spec_from_file_location(f"_wrapper_{name}", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)                 # no __main__: nothing runs
+        target = bench.load(name)
+        assert module.main is target.main
+        assert module.to_markdown is target.to_markdown
+
+
+def test_scripts_import_without_optional_dependencies():
+    """No optional package at import time; ``ms`` without pytorch-metric-learning reads n/a."""
+    code = textwrap.dedent("""
+        import sys
+        for name in ("pytorch_metric_learning", "torchdeq", "matplotlib"):
+            sys.modules[name] = None        # any import of them raises ImportError
+        import multizoo_ext.bench.deq, multizoo_ext.bench.refnet, multizoo_ext.bench.multisimilarity
+        from multizoo_ext.cli import main
+        sys.exit(main(["bench", "ms", "--batches", "8", "--dim", "8", "--budget", "0", "--settings", "single10"]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    table_row = next(line for line in proc.stdout.splitlines() if line.startswith("| single10 | 8 |"))
+    assert "n/a" in table_row
