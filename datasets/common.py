@@ -449,7 +449,9 @@ def arrays_to_dataloaders(
         stratify: stratify random splits by class (classification only; multilabel and
             regression splits are random). Default: True.
         normalize: "standard" (zero mean, unit variance per feature), "minmax" (training
-            range -> [0, 1]) or None. Statistics come from the TRAINING split only. Default: None.
+            range -> [0, 1]) or None (also the string "none", for callers such as the registry
+            and the CLI, which drop None keywords). Statistics come from the TRAINING split
+            only. Default: None.
         task: "classification", "multilabel" or "regression" (label conversion, see
             :func:`convert_labels`). Default: "classification".
         num_classes: optional, classification labels must be below it.
@@ -523,6 +525,8 @@ def arrays_to_dataloaders(
             train_idx, valid_idx = pool, None
 
     normalizers: List[Optional[Normalizer]] = [None] * len(mods)
+    if isinstance(normalize, str) and normalize.lower() == "none":
+        normalize = None
     if normalize is not None:
         normalizers = [Normalizer.fit(m, normalize, rows=train_idx) for m in mods]
 

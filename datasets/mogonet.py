@@ -148,7 +148,17 @@ def get_dataloader(
 
 
 @register_dataset("rosmap")
-def get_dataloader_rosmap(path: PathLike = ROSMAP_DEFAULT_PATH, **kwargs) -> Loaders:
+def get_dataloader_rosmap(path: PathLike = ROSMAP_DEFAULT_PATH, normalize: Optional[str] = "standard",
+                          **kwargs) -> Loaders:
     """:func:`get_dataloader` with a convenience default ``path="../shared/data/ROSMAP"``
-    (relative to the current directory); pass ``path`` for any other location."""
-    return get_dataloader(path, **kwargs)
+    (relative to the current directory; pass ``path`` for any other location) and
+    ``normalize="standard"`` (``None`` or ``"none"`` keeps MOGONET's [0, 1] scaling; through
+    the registry, the runner or the CLI, which drop None keywords, pass ``"none"``).
+
+    Why standardise by default: MOGONET's features have a standard deviation of about 0.18,
+    and with them the runner's MLP encoders (AdamW, lr 1e-3, 30 epochs of 4 batches) stay
+    near a training loss of 0.69, i.e. barely trained (measured: Concat train loss 0.64 after
+    30 epochs; with standardised features 0.01), while the logistic-regression baseline and
+    the data README's reference points use standardised features.
+    """
+    return get_dataloader(path, normalize=normalize, **kwargs)

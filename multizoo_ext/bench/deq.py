@@ -104,6 +104,10 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "tol_matched_btol_matched": {"f_tol": "ref_median", "b_tol": "ref_median"},
     "tol_matched_btol_1e-3": {"f_tol": "ref_median", "b_tol": 1e-3},
     "tol_matched_phantom": {"f_tol": "ref_median", "backward": "phantom"},
+    # Jacobian-free backprop (Fung et al., 2022): the phantom gradient with a single step
+    "tol_matched_phantom1": {"f_tol": "ref_median", "backward": "phantom", "phantom_steps": 1},
+    "tol_matched_btol_matched_anderson10": {"f_tol": "ref_median", "b_tol": "ref_median",
+                                            "solver_kwargs": {"m": 10}},
 }
 DEFAULT_VARIANTS = ("default", "tol_matched", "tol_matched_nocompact", "tol_matched_btol_matched",
                     "tol_matched_phantom")

@@ -56,6 +56,16 @@ def test_chosen_modalities_seed_and_alias(tmp_path):
     assert len(te.dataset) == 12
 
 
+def test_rosmap_alias_standardises_by_default(tmp_path):
+    data, _, _ = _write(tmp_path)
+    tr, _, te = create_dataset("rosmap", path=str(tmp_path), batch_size=100)
+    fit_rows = data[(1, "tr")][tr.dataset.indices]
+    expected = (data[(1, "te")] - fit_rows.mean(0)) / fit_rows.std(0)
+    np.testing.assert_allclose(next(iter(te))[0].numpy(), expected, rtol=1e-4, atol=1e-5)
+    _, _, raw = create_dataset("rosmap", path=str(tmp_path), batch_size=100, normalize="none")
+    np.testing.assert_allclose(next(iter(raw))[0].numpy(), data[(1, "te")], rtol=1e-6)
+
+
 def test_normalisation_fitted_on_training_rows(tmp_path):
     data, _, _ = _write(tmp_path)
     tr, _, te = get_dataloader(tmp_path, normalize="standard", batch_size=100)
