@@ -1,8 +1,10 @@
-"""ReFNet objectives: locating the refiner, values by hand, labels, validation, errors, MultiBench's train()."""
+"""ReFNet objectives: locating the refiner, values by hand, labels, validation, errors, MultiBench's train()
+(ReFNet and DEQ fusion in an unmodified MultiBench checkout, with the examples, when MULTIBENCH_PATH is set)."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -370,3 +372,165 @@ def test_multibench_train_runs_refnet(tmp_path):
     assert line, proc.stdout[-3000:]
     results = json.loads(line[-1][len("RESULT "):])
     assert results == {"embedding_ms": True, "input_target": True, "multilabel_ms": True, "args_refiner": True}
+
+
+# --------------------------------------------------------------------------- DEQ fusion in MultiBench's own train()
+_MB_DEQ_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    sys.path.insert(0, os.getcwd())  # MultiBench is used from its checkout root
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+    from training_structures.Supervised_Learning import train, test
+    from multizoo_ext.fusions.deq import DEQFusion
+    from multizoo_ext.objectives.deq_objective import deq_objective
+    from multizoo_ext.unimodals.common_models import MLP
+
+    torch.set_num_threads(1)
+    out_dir = sys.argv[1]
+    g = torch.Generator().manual_seed(0)
+    n, k, widths = 360, 3, (6, 10)
+    xs = [torch.randn(n, w, generator=g) for w in widths]
+    y = sum(x @ torch.randn(x.shape[1], k, generator=g) for x in xs).argmax(1)   # needs both modalities
+    train_dl = DataLoader(TensorDataset(*[x[:240] for x in xs], y[:240]), batch_size=32, shuffle=True, generator=g)
+    valid_dl = DataLoader(TensorDataset(*[x[240:300] for x in xs], y[240:300]), batch_size=60)
+    test_dl = DataLoader(TensorDataset(*[x[300:] for x in xs], y[300:]), batch_size=60)
+
+    torch.manual_seed(1)
+    encoders = [MLP(6, 16, 8), MLP(10, 16, 12)]                  # unequal widths: projected inside
+    fusion = DEQFusion([8, 12], width=16, jac_reg=True)
+    head = nn.Linear(fusion.out_dim, k)
+    before = {name: p.detach().clone() for name, p in fusion.named_parameters()}
+    fusion_ids = {id(p) for p in fusion.parameters()}
+    groups = []
+
+    def fusion_lr_optimizer(params, lr, weight_decay=0.0):   # MultiBench calls optimtype(params, lr=, weight_decay=)
+        params = list(params)
+        rest = [p for p in params if id(p) not in fusion_ids]
+        fused = [p for p in params if id(p) in fusion_ids]
+        opt = torch.optim.AdamW([{"params": rest}, {"params": fused, "lr": lr * 0.1}], lr=lr,
+                                weight_decay=weight_decay)
+        groups.extend((len(gr["params"]), gr["lr"]) for gr in opt.param_groups)
+        return opt
+
+    objective = deq_objective(nn.CrossEntropyLoss(), jacobian_weight=0.1)
+    penalties, valid_calls = [], []
+
+    def recording(pred, truth, args):
+        loss = objective(pred, truth, args)
+        task = F.cross_entropy(pred, truth.long().to(pred.device))
+        if args["training"]:
+            deq = args["model"].fuse
+            penalties.append((float(loss - task), 0.1 * float(deq.jac_loss)))
+        else:
+            valid_calls.append(float(loss - task))
+        return loss
+
+    save = os.path.join(out_dir, "deq.pt")
+    train(encoders, fusion, head, train_dl, valid_dl, 6, task="classification", optimtype=fusion_lr_optimizer,
+          lr=1e-2, weight_decay=1e-2, objective=recording, objective_args_dict={}, save=save)
+    trained = dict(fusion.named_parameters())
+    model = torch.load(save, weights_only=False)
+    assert model.fuse.last_info is None and model.fuse.jac_loss is None   # not pickled
+    test(model, test_dl, no_robust=True)
+    info = model.fuse.last_info                                          # set by test()'s forwards
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model([a.float(), b.float()]).argmax(1) == t).sum()) for a, b, t in test_dl)
+    print("RESULT " + json.dumps({
+        "groups": groups,
+        "fusion_params": sum(1 for _ in fusion.parameters()),
+        "changed": [name for name, p in trained.items() if not torch.equal(before[name], p.detach())],
+        "n_params": len(before),
+        "penalties": penalties,
+        "valid_extra": valid_calls,
+        "accuracy": correct / 60,
+        "info_steps": info["steps"].tolist(),
+        "info_rel": info["rel_residual"].tolist(),
+        "info_converged": info["converged"].tolist(),
+        "max_iter": info["max_iter"],
+    }))
+    """
+)
+
+
+def _multibench_root() -> Path:
+    """The MultiBench checkout of MULTIBENCH_PATH, or skip."""
+    root = os.environ.get("MULTIBENCH_PATH")
+    if not root:
+        pytest.skip("MULTIBENCH_PATH is not set: point it at a MultiBench checkout (git clone of pliang279/MultiBench)")
+    if not (Path(root) / "training_structures" / "Supervised_Learning.py").is_file():
+        pytest.skip(f"MULTIBENCH_PATH={root} has no training_structures/Supervised_Learning.py")
+    missing = [m for m in MULTIBENCH_EXTRAS if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"MultiBench's train() imports {missing} (eval_scripts); pip install memory-profiler "
+                    "matplotlib scikit-learn tqdm to run this test")
+    return Path(root)
+
+
+def _multibench_result(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, proc.stdout[-3000:]
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def test_multibench_train_runs_deq(tmp_path):
+    """MultiBench's unmodified train()/test() with DEQFusion(jac_reg=True) + deq_objective:
+    the penalty is found through args['model'] and added in training only, the fusion trains
+    (at 0.1 x lr through an optimtype factory), the pickled model reloads and learns."""
+    root = _multibench_root()
+    proc = subprocess.run([sys.executable, "-c", _MB_DEQ_SCRIPT, str(tmp_path)], cwd=root, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = _multibench_result(proc)
+    # one optimiser, two groups: encoders + head at lr, every fusion parameter at 0.1 x lr
+    assert len(r["groups"]) == 2 and r["groups"][1] == [r["fusion_params"], pytest.approx(1e-3)]
+    assert r["groups"][0][1] == pytest.approx(1e-2)
+    # every fusion tensor (projection, blocks, gate, injection weights) was updated
+    assert len(r["changed"]) == r["n_params"]
+    # 6 epochs x 8 batches of training; the objective added exactly 0.1 x the module's Hutchinson estimate
+    assert len(r["penalties"]) == 48
+    for added, expected in r["penalties"]:
+        assert added == pytest.approx(expected, rel=1e-4, abs=1e-6) and expected > 0
+    # validation calls get the task loss only
+    assert r["valid_extra"] and all(abs(v) < 1e-6 for v in r["valid_extra"])
+    # learned: 3 balanced-ish classes, chance about 0.33-0.4
+    assert r["accuracy"] >= 0.5, r["accuracy"]
+    # test() left per-sample solver statistics of its last batch on the module
+    assert len(r["info_steps"]) == 60 and all(1 <= s <= r["max_iter"] for s in r["info_steps"])
+    assert all(math.isfinite(v) and 0 <= v < 1 for v in r["info_rel"])
+    assert sum(r["info_converged"]) >= 30
+
+
+def _torchvision_stub(tmp_path: Path) -> dict:
+    """Environment for a subprocess that imports MultiBench's ``unimodals.common_models``,
+    which imports torchvision at module level (the MLP we use does not need it): an empty
+    stand-in package on PYTHONPATH when torchvision itself cannot be imported."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True)
+    if probe.returncode != 0:
+        stub = tmp_path / "stub"
+        (stub / "torchvision" / "models").mkdir(parents=True)
+        (stub / "torchvision" / "__init__.py").write_text('"""empty stand-in for MultiBench imports"""\n')
+        (stub / "torchvision" / "models" / "__init__.py").write_text("")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(stub), env.get("PYTHONPATH")) if p)
+    return env
+
+
+@pytest.mark.parametrize("example, epochs, min_acc", [("refnet_in_multibench.py", 4, 0.6),
+                                                      ("deq_in_multibench.py", 4, 0.5)])
+def test_multibench_examples_run(tmp_path, example, epochs, min_acc):
+    """examples/*_in_multibench.py run from the root of an unmodified MultiBench checkout
+    (MultiBench's MLP, train and test) and learn the random stand-in task (3 classes)."""
+    root = _multibench_root()
+    script = Path(__file__).resolve().parents[2] / "examples" / example
+    proc = subprocess.run([sys.executable, str(script), "--epochs", str(epochs), "--save", str(tmp_path / "best.pt")],
+                          cwd=root, capture_output=True, text=True, timeout=300, env=_torchvision_stub(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    accs = [float(ln.split()[-1]) for ln in proc.stdout.splitlines() if ln.startswith("acc: ")]
+    assert len(accs) == 1 and accs[0] >= min_acc, proc.stdout[-2000:]
+    assert (tmp_path / "best.pt").is_file()
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("checkpoint ") and ("3 refiners" in last or "converged" in last), last
