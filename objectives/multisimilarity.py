@@ -15,15 +15,23 @@ and the loss of anchor ``i`` over the kept pairs is::
   + (1/beta)  * log(1 + sum_{j in N_i} exp( beta  * (S_ij - base)))
 
 Implementation: everything is a masked pass over the (B, B) similarity matrix, no Python
-loop over samples or labels. The "+1" is the extra zero logit of a log-sum-exp,
+loop over samples or labels, and every pass treats both sides at once: the positive and
+negative sides are stacked on a leading axis of 2 (``x = sign * S + penalties`` is ``-S`` on
+the positives, ``S`` on the negatives and far below both elsewhere, so one row max gives
+``-min_pos`` and ``max_neg``). The "+1" is the extra zero logit of a log-sum-exp,
 ``log(1 + sum exp(x)) = logsumexp([0, x...])``; since cosines are bounded, the logits are
 bounded too (at most ``max(alpha (1 + base), beta (1 - base))``, 25 with the defaults), so
 it is computed as ``log1p(sum exp(x))`` without a shift (exactly 0 for an anchor without a
 kept pair), and with a per-row shift by the largest kept logit only when the scales could
-overflow the dtype. Masks are 0/1 float matrices, the mining comparisons are exact (the sign
-of a difference), and the backward is written by hand (the gradient of a log-sum-exp is its
-softmax weights; the Gram matrix costs one product), which spares most of the matrix passes
-autograd's backward would take. It is differentiable once (no double backward).
+overflow the dtype. Where it is exact (the defaults), each entry's logit comes from per-entry
+coefficients built with the masks, so ``exp`` runs once per pair rather than once per side.
+Masks and mining decisions are 0/1 float tensors (bool tensors, ``where`` and ``masked_fill``
+are several times slower on the CPU), the mining comparisons are exact (the same rounded
+values as pytorch-metric-learning's miner), and the backward is written by hand (the
+gradient of a log-sum-exp is its softmax weights, formed in the forward; the Gram matrix
+costs one product), which spares most of the matrix passes autograd's backward would take.
+It is differentiable once (no double backward). The hot path is about 30 eager ops; most
+constants are cached per setting and batch size (see ``_Config``).
 
 Names of the hyper-parameters in the three code bases this project meets (MMF's from the
 ReFNet reference as described in ``docs/methods.md``):
@@ -63,7 +71,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor, nn
@@ -121,14 +129,18 @@ def _check_inputs(embeddings: Tensor, labels: Tensor, name: str) -> None:
             "they must match one to one"
         )
     # Finiteness of the embeddings is checked on their row norms (computed anyway, and B
-    # values instead of B * D): see _check_norms.
+    # values instead of B * D): see _norm_range.
 
 
-def _check_norms(norm: Tensor, embeddings: Tensor, name: str) -> None:
-    """Raise if a row norm is NaN/Inf: NaN/Inf in the embeddings, or values whose norm overflows."""
-    if not bool(torch.isfinite(norm).all()):
+def _norm_range(norm: Tensor, embeddings: Tensor, name: str) -> Tuple[float, float]:
+    """Smallest and largest row norm (one reduction); raises if a norm is NaN/Inf (NaN/Inf
+    in the embeddings, or values whose norm overflows)."""
+    low, high = torch.aminmax(norm)  # both NaN if any is
+    low, high = low.item(), high.item()
+    if not math.isfinite(high):
         check_finite(embeddings, f"{name} embeddings")
         raise ValueError(f"{name} embeddings have rows whose norm overflows {embeddings.dtype}; rescale them")
+    return low, high
 
 
 def _share_matrix(labels: Tensor, dtype: torch.dtype, name: str) -> Tensor:
@@ -137,13 +149,16 @@ def _share_matrix(labels: Tensor, dtype: torch.dtype, name: str) -> Tensor:
     if labels.dim() == 1 or labels.shape[1] == 1:
         if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
             raise ValueError(f"{name} labels contain NaN/Inf; expected class indices or 0/1 multi-hot")
-        flat = labels.reshape(-1)
-        return (flat[:, None] == flat[None, :]).to(dtype)  # (B, B)
+        flat = labels.reshape(-1) if labels.dim() == 2 else labels
+        # eq writing 0/1 straight into a float matrix: about twice as fast as a bool matrix
+        # and a cast.
+        share = torch.empty(flat.shape[0], flat.shape[0], dtype=dtype, device=labels.device)
+        return torch.eq(flat.unsqueeze(1), flat, out=share)  # (B, B)
     present = labels if labels.dtype == torch.bool else labels.bool()  # (B, K)
     if present is not labels and not torch.equal(present.to(labels.dtype), labels):
         raise ValueError(f"{name} expects multi-hot labels (B, K) with values 0/1 only, got other values")
     hot = present.to(dtype)  # (B, K)
-    return (hot @ hot.T).clamp_max_(1.0)  # (B, B): 1 if at least one common label
+    return F.linear(hot, hot).clamp_max_(1.0)  # (B, B) = hot @ hot.T: 1 if at least one common label
 
 
 def pair_masks(
@@ -163,13 +178,8 @@ def pair_masks(
         with ``i``; ``neg[i, j]``: ``j != i`` shares no label with ``i``. The diagonal is in
         neither.
     """
-    return _pair_masks(labels, device, dtype, "pair_masks")
-
-
-def _pair_masks(labels: Tensor, device: torch.device | None, dtype: torch.dtype,
-                name: str) -> Tuple[Tensor, Tensor]:
     labels = labels.to(device) if device is not None else labels
-    share = _share_matrix(labels, torch.float32 if dtype == torch.bool else dtype, name)  # (B, B)
+    share = _share_matrix(labels, torch.float32 if dtype == torch.bool else dtype, "pair_masks")  # (B, B)
     share.fill_diagonal_(1.0)  # so that the diagonal is no negative (label-less rows too)
     neg = torch.sub(share.new_ones(()), share)  # (B, B)
     share.fill_diagonal_(0.0)
@@ -179,8 +189,9 @@ def _pair_masks(labels: Tensor, device: torch.device | None, dtype: torch.dtype,
 
 
 def _sentinel(base: float, epsilon: float) -> float:
-    # Added to the similarities (cosines, in [-1, 1]) outside a mask before a row min / max:
-    # large enough that a row with an empty mask mines nothing and gets a zero shift.
+    # Subtracted from the similarities (cosines, in [-1, 1]) outside a mask before a row
+    # min / max: large enough that a row with an empty mask mines nothing and gets a zero
+    # shift, and that an entry outside the mask never passes a mining test.
     return 8.0 + 2.0 * (abs(base) + abs(epsilon))
 
 
@@ -194,101 +205,178 @@ def _needs_shift(alpha: float, beta: float, base: float, columns: int, dtype: to
     return largest + math.log(max(columns, 1)) + 2.0 > math.log(torch.finfo(dtype).max)
 
 
-class _Constants(NamedTuple):
-    one: Tensor  # ()
-    pos_offset: Tensor  # (), alpha * base
-    neg_offset: Tensor  # (), -beta * base
-    inv_alpha: Tensor  # (), 1 / alpha
+def _logit_floor(alpha: float, beta: float, base: float, dtype: torch.dtype, shifted: bool) -> float | None:
+    """Lower clamp of the logits before ``exp``, or None where no logit can go below it.
 
-
-@functools.lru_cache(maxsize=64)
-def _constants(alpha: float, beta: float, base: float, dtype: torch.dtype,
-               device: torch.device) -> _Constants:
-    """0-dim tensors for the hot path (arithmetic with Python numbers costs a hidden dtype
-    copy per op in eager PyTorch; 0-dim tensors of the right dtype and ``alpha=`` do not)."""
-    values = torch.tensor([1.0, alpha * base, -beta * base, 1.0 / alpha], dtype=dtype, device=device)
-    return _Constants(*values.unbind())
-
-
-def _ms_forward(sim: Tensor, pos: Tensor, neg: Tensor, alpha: float, beta: float, base: float,
-                epsilon: float, mining: bool) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-    """Per-anchor MS losses, no autograd. sim (R, C); pos, neg float 0/1 masks (R, C).
-
-    Returns the (R,) losses and what :func:`_ms_grad_sim` needs: the kept exponentials and
-    the denominators ``1 + sum`` of each side (both scaled by the same factor if shifted).
+    The floor is a little above the log of the smallest normal number (of float32 for the
+    half types, which are computed in float32): arguments whose ``exp`` is subnormal or 0
+    take a slow path in the vectorised ``exp`` of many CPUs (10-50x). A clamped entry adds at
+    most ``exp(floor)`` (1e-37 in float32) to a sum that is at least 1 or a shifted maximum,
+    or is masked out. Unshifted logits are at least ``min(alpha (base - 1), -beta (1 +
+    base))`` (-75 with the defaults): then no clamp is needed.
     """
-    shifted = _needs_shift(alpha, beta, base, sim.shape[1], sim.dtype)
-    consts = _constants(alpha, beta, base, sim.dtype, sim.device)
-    one = consts.one
-    if mining or shifted:
+    floor = math.log(torch.finfo(dtype if dtype == torch.float64 else torch.float32).tiny) + 2.0
+    lowest = min(alpha * (base - 1.0), -beta * (1.0 + base)) - 0.01 * (alpha + beta)
+    return floor if shifted or lowest <= floor else None
+
+
+class _Config:
+    """Constants of the hot path for one setting and matrix shape (R, C).
+
+    The positive and negative sides are stacked on a leading axis of 2 (index 0: positives,
+    1: negatives). Arithmetic with Python numbers costs a hidden dtype copy per op in eager
+    PyTorch, 0-dim tensors of the right dtype do not; an op whose first operand is a small
+    broadcast tensor misses the vectorised loop, hence the materialised (k, R, C) constants.
+    """
+
+    __slots__ = ("sign", "scale", "offset", "scaled_sign", "offset_full", "label_slope", "label_base",
+                 "combined", "inv_scale", "inv_full", "grad_sign", "neg_epsilon", "one", "zero", "big",
+                 "shifted", "floor")
+
+    def __init__(self, alpha: float, beta: float, base: float, epsilon: float, rows: int, cols: int,
+                 count: int, dtype: torch.dtype, device: torch.device, diagonal: bool, combine: bool) -> None:
         big = _sentinel(base, epsilon)
-        min_pos = torch.add(sim, torch.sub(one, pos), alpha=big).amin(dim=1)  # (R,), >= big - 1 if none
-        max_neg = torch.add(sim, torch.sub(one, neg), alpha=-big).amax(dim=1)  # (R,), <= 1 - big if none
-    if mining:
-        # Both rules use the un-mined sets, in the paper's form (S - eps < max_neg,
-        # S + eps > min_pos); the sign of a difference is an exact comparison.
-        keep_pos = torch.sub(max_neg[:, None], torch.add(sim, one, alpha=-epsilon))
-        keep_pos = keep_pos.sign_().clamp_min_(0.0).mul_(pos)  # (R, C) 0/1
-        keep_neg = torch.sub(torch.add(sim, one, alpha=epsilon), min_pos[:, None])
-        keep_neg = keep_neg.sign_().clamp_min_(0.0).mul_(neg)  # (R, C) 0/1
+        self.shifted = _needs_shift(alpha, beta, base, cols, dtype)
+        self.floor = _logit_floor(alpha, beta, base, dtype, self.shifted)
+        # Per-entry logit coefficients from the share matrix s in one affine op, c = s *
+        # (-alpha - beta) + beta and d = s * (alpha base + beta base) - beta base, are only
+        # used where they come out exact in this dtype (they do for the defaults), so that the
+        # logits are bitwise those of the two-sided path.
+        coef = torch.tensor([-alpha, beta, alpha * base, -beta * base], dtype=dtype)
+        c_slope, d_slope = coef[0] - coef[1], coef[2] - coef[3]
+        self.combined = (combine and not self.shifted and bool(c_slope + coef[1] == coef[0])
+                         and bool(d_slope + coef[3] == coef[2]))
+        table = [[-1.0, 1.0, 0.0, 0.0], [alpha, beta, 0.0, 0.0], [alpha * base, -beta * base, 0.0, 0.0],
+                 [-alpha, beta, 0.0, 0.0], [big, -big, float(c_slope), float(d_slope)],
+                 [-big, 0.0, beta, -beta * base], [1.0 / (alpha * count), 1.0 / (beta * count), 0.0, 0.0],
+                 [-1.0 / count, 1.0 / count, -epsilon, 1.0]]
+        values = torch.tensor(table, dtype=dtype, device=device)[:, :, None, None]  # (8, 4, 1, 1)
+        self.sign = values[0, :2]  # (2, 1, 1): -1, +1; x = sign * S (+ penalties)
+        self.scale = values[1, :2]  # (2, 1, 1): alpha, beta
+        self.offset = values[2, :2]  # (2, 1, 1): alpha * base, -beta * base; logits = scale * x + offset
+        self.scaled_sign = values[3, :2]  # (2, 1, 1): -alpha, beta; logits = scaled_sign * S + offset
+        self.offset_full = None if self.combined else values[2, :2].expand(2, rows, cols).contiguous()
+        # labels = label_base + share * label_slope, (k, R, C): the penalties (k = 0, 1: 0 on
+        # the mask, <= -big off it, and off the diagonal of a batch against itself), then if
+        # combined the logit coefficients c and d.
+        k = 4 if self.combined else 2
+        self.label_slope = values[4, :k]  # (k, 1, 1)
+        self.label_base = values[5, :k].expand(k, rows, cols).contiguous()  # (k, R, C)
+        if diagonal:
+            self.label_base[:2].diagonal(0, 1, 2).sub_(big)
+        self.inv_scale = values[6, :2]  # (2, 1, 1): 1 / (alpha * count), 1 / (beta * count)
+        self.inv_full = values[6, :2].expand(2, rows, 1).reshape(-1)  # (2 R,)
+        self.grad_sign = values[7, :2]  # (2, 1, 1): -1 / count, +1 / count
+        self.neg_epsilon = values[7, 2, 0, 0]  # ()
+        self.one = values[7, 3, 0, 0]  # ()
+        self.zero = values[0, 2, 0, 0]  # ()
+        self.big = big
+
+
+@functools.lru_cache(maxsize=8)
+def _config(alpha: float, beta: float, base: float, epsilon: float, rows: int, cols: int, count: int,
+            dtype: torch.dtype, device: torch.device, diagonal: bool, combine: bool) -> _Config:
+    """Cached :class:`_Config`; ``count`` is the number of anchors averaged over (1:
+    per-anchor losses), ``diagonal`` whether the diagonal pairs are excluded (a batch against
+    itself), ``combine`` whether the logits may be one matrix (labels from
+    :func:`_label_terms`)."""
+    return _Config(alpha, beta, base, epsilon, rows, cols, count, dtype, device, diagonal, combine)
+
+
+def _label_terms(share: Tensor, cfg: _Config) -> Tensor:
+    """(k, R, C) from a 0/1 share matrix (R, C), k = 2 or 4: index 0 is 0 where the pair
+    shares a label (a positive) and ``<= -big`` elsewhere, index 1 is 0 where it shares none
+    (a negative) and ``<= -big`` elsewhere (both ``<= -big`` on the diagonal of a batch
+    against itself; exact, ``big * 1 - big`` is 0); if ``cfg.combined``, indices 2 and 3 are
+    the logit coefficients: ``logit = c * S + d``."""
+    return torch.addcmul(cfg.label_base, share, cfg.label_slope)
+
+
+def _ms_terms(sim: Tensor, labels: Tensor, cfg: _Config, mining: bool,
+              weights: bool) -> Tuple[Tensor, Tensor | None]:
+    """Both log-sum-exps of every anchor, no autograd. sim (R, C), labels (k, R, C) from
+    :func:`_label_terms` (overwritten).
+
+    Every step is one op over both sides: ``x = sign * S + penalties`` is ``-S`` on the
+    positives and ``S`` on the negatives (exactly), at most ``1 - big`` elsewhere, so that one
+    row max gives ``-min_pos`` and ``max_neg``; the logits ``alpha (base - S)`` and ``beta (S
+    - base)`` are computed on every entry (one matrix if combined: each entry's side is known,
+    and the sides are disjoint) and the entries not kept are multiplied by 0.
+
+    Returns:
+        ``terms`` (2, R, 1): ``log(1 + sum exp(logits))`` over the kept pairs of each side;
+        with ``weights``, the gradient of ``sum_r (terms[0, r] / alpha + terms[1, r] / beta)
+        / count`` w.r.t. S on each side (2, R, C): the softmax weights ``exp / (1 + sum)``
+        of the kept pairs (0 elsewhere), times ``-1 / count`` (positives) or ``1 / count``.
+    """
+    if cfg.combined:
+        pen, c, d = labels.split((2, 1, 1))  # (2, R, C), (1, R, C), (1, R, C)
     else:
-        keep_pos, keep_neg = pos, neg
-    if not shifted:
+        pen = labels
+    if not mining:
+        mask = pen.eq(cfg.zero)  # (2, R, C), before pen is overwritten
+    if mining or cfg.shifted:
+        x = pen.addcmul_(sim, cfg.sign)  # (2, R, C)
+        top = x.amax(dim=2, keepdim=True)  # (2, R, 1): -min_pos, max_neg (<= 1 - big if none)
+    if cfg.shifted:
+        # Large scales: shift each row by its largest logit over the mask, or 0 (the zero
+        # logit of the "+1"). If any pair of a side is kept, its most extreme one (min_pos or
+        # max_neg) is, so this is the kept maximum then. The logits come from x here, so
+        # that the entries off the mask (whose other-side logits could overflow) are very
+        # negative too, and all are <= 0.
+        shift = torch.mul(top, cfg.scale).add_(cfg.offset).clamp_min_(0.0)  # (2, R, 1)
+        logits = torch.mul(x, cfg.scale).add_(torch.sub(cfg.offset, shift))  # (2, R, C)
+    elif cfg.combined:
+        logits = torch.addcmul(d, sim, c)  # (1, R, C): alpha (base - S) or beta (S - base)
+    else:
+        logits = torch.addcmul(cfg.offset_full, sim, cfg.scaled_sign)  # (2, R, C): both
+    if cfg.floor is not None:
+        logits.clamp_min_(cfg.floor)
+    exp = logits.exp_()
+    if mining:
+        # Keep a positive if S - eps < max_neg and a negative if S + eps > min_pos (the
+        # paper's rules on the un-mined sets), i.e. -(x + eps) < (the other side's top): a
+        # comparison of the same rounded values as pytorch-metric-learning's miner. Entries
+        # off the masks never pass (x + eps < -1 there), nor any of a row whose other side is
+        # empty (its top is <= 1 - big).
+        kept = torch.sub(cfg.neg_epsilon, x, out=x).lt_(top.flip(0)).mul_(exp)  # (2, R, C)
+    else:
+        kept = torch.mul(mask, exp)  # (2, R, C), on the masks
+    sums = kept.sum(dim=2, keepdim=True)  # (2, R, 1)
+    if cfg.shifted:
+        tot = sums.add_(torch.exp(-shift))
+        terms = torch.log(tot).add_(shift)
+    else:
         # log(1 + sum exp(x)) = log1p(sum exp(x)): exactly 0 for an anchor without a kept
         # pair, and the logits are bounded (see _needs_shift), so nothing overflows.
-        exp_pos = torch.add(consts.pos_offset, sim, alpha=-alpha)  # alpha (base - S)
-        exp_pos = exp_pos.exp_().mul_(keep_pos)  # (R, C)
-        exp_neg = torch.add(consts.neg_offset, sim, alpha=beta)  # beta (S - base)
-        exp_neg = exp_neg.exp_().mul_(keep_neg)  # (R, C)
-        sum_pos = exp_pos.sum(dim=1)  # (R,)
-        sum_neg = exp_neg.sum(dim=1)  # (R,)
-        losses = torch.log1p(sum_pos).mul_(consts.inv_alpha)  # (R,)
-        losses = losses.add_(torch.log1p(sum_neg), alpha=1.0 / beta)
-        return losses, (exp_pos, exp_neg, sum_pos.add_(one), sum_neg.add_(one))
-    # Large scales: shift each row by its largest kept logit, or 0 (the zero logit of the
-    # "+1"). These are exact maxima: if any positive is kept, the least similar one
-    # (min_pos) is; if any negative is kept, the most similar one (max_neg) is.
-    shift_pos = ((base - min_pos) * alpha).clamp_min_(0.0)  # (R,)
-    shift_neg = ((max_neg - base) * beta).clamp_min_(0.0)  # (R,)
-    # The clamp only touches entries off the mask (kept logits are <= 0): no overflow.
-    exp_pos = torch.add((alpha * base - shift_pos)[:, None], sim, alpha=-alpha)
-    exp_pos = exp_pos.clamp_max_(0.0).exp_().mul_(keep_pos)  # (R, C)
-    exp_neg = torch.add((-beta * base - shift_neg)[:, None], sim, alpha=beta)
-    exp_neg = exp_neg.clamp_max_(0.0).exp_().mul_(keep_neg)  # (R, C)
-    tot_pos = exp_pos.sum(dim=1).add_(torch.exp(-shift_pos))  # (R,) shifted 1 + sum
-    tot_neg = exp_neg.sum(dim=1).add_(torch.exp(-shift_neg))  # (R,)
-    losses = (torch.log(tot_pos).add_(shift_pos) / alpha).add_(torch.log(tot_neg).add_(shift_neg) / beta)
-    return losses, (exp_pos, exp_neg, tot_pos, tot_neg)
-
-
-def _ms_grad_sim(grad_losses: Tensor, saved: Tuple[Tensor, ...]) -> Tensor:
-    """Gradient of ``sum_r grad_losses[r] * losses[r]`` w.r.t. sim, (R, C).
-
-    The gradient of each log-sum-exp is its softmax weights:
-    ``dL_r/dS_rc = exp_neg[r, c] / tot_neg[r] - exp_pos[r, c] / tot_pos[r]``.
-    """
-    exp_pos, exp_neg, tot_pos, tot_neg = saved
-    grad_sim = exp_neg * torch.div(grad_losses, tot_neg)[:, None]  # (R, C)
-    return grad_sim.addcmul_(exp_pos, torch.div(grad_losses, tot_pos)[:, None], value=-1.0)
+        terms = torch.log1p(sums)
+        tot = sums.add_(cfg.one)
+    # The gradient of a log-sum-exp is its softmax weights:
+    # dL_r/dS_rc = exp_neg[r, c] / tot_neg[r] - exp_pos[r, c] / tot_pos[r].
+    return terms, kept.mul_(torch.div(cfg.grad_sign, tot)) if weights else None
 
 
 class _AnchorLosses(torch.autograd.Function):
-    """Per-anchor MS losses from a similarity matrix, with a hand-written backward.
-
-    The backward is three passes over the (R, C) matrix (the softmax weights of each side),
-    where autograd would replay the masked log-sum-exps op by op.
-    """
+    """Per-anchor MS losses from a similarity matrix, with a hand-written backward (the
+    softmax weights of each side, computed in the forward), where autograd would replay the
+    masked log-sum-exps op by op."""
 
     @staticmethod
     def forward(ctx, sim, pos, neg, alpha, beta, base, epsilon, mining):  # type: ignore[override]
-        losses, saved = _ms_forward(sim, pos, neg, alpha, beta, base, epsilon, mining)
-        ctx.save_for_backward(*saved)
-        return losses
+        rows, cols = sim.shape
+        # (Not combined: from given masks, the logit coefficients would cost more ops.)
+        cfg = _config(alpha, beta, base, epsilon, rows, cols, 1, sim.dtype, sim.device, False, False)
+        pen = torch.stack((pos, neg)).sub_(cfg.one).mul_(cfg.big)  # (2, R, C): 0 on the mask, -big off it
+        terms, weights = _ms_terms(sim, pen, cfg, mining, ctx.needs_input_grad[0])
+        ctx.save_for_backward(weights)
+        return torch.mul(terms, cfg.inv_scale).sum(dim=0).view(rows)  # (R,)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_losses):  # type: ignore[override]
-        return _ms_grad_sim(grad_losses, ctx.saved_tensors), None, None, None, None, None, None, None
+        (weights,) = ctx.saved_tensors
+        grad_sim = torch.mul(weights, grad_losses[:, None]).sum(dim=0)  # (R, C)
+        return grad_sim, None, None, None, None, None, None, None
 
 
 class _MeanMultiSimilarity(torch.autograd.Function):
@@ -300,32 +388,34 @@ class _MeanMultiSimilarity(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, embeddings, pos, neg, alpha, beta, base, epsilon, mining,  # type: ignore[override]
-                name):
+    def forward(ctx, embeddings, labels, cfg, mining, name):  # type: ignore[override]
         norm = torch.linalg.vector_norm(embeddings, dim=1, keepdim=True)  # (B, 1)
-        _check_norms(norm, embeddings, name)
-        denom = norm.clamp_min(_NORM_EPS)  # as F.normalize
+        low, _ = _norm_range(norm, embeddings, name)
+        # As F.normalize: norms below eps are clamped (those rows are only rescaled, so their
+        # backward has no projection term).
+        clamped = low < _NORM_EPS
+        denom = norm.clamp_min(_NORM_EPS) if clamped else norm
         normed = embeddings / denom  # (B, D)
-        sim = normed @ normed.T  # (B, B)
-        losses, saved = _ms_forward(sim, pos, neg, alpha, beta, base, epsilon, mining)
-        # 1 where the norm was not clamped; clamped rows (norm < eps) are only rescaled, so
-        # their backward has no projection term.
-        one = _constants(alpha, beta, base, sim.dtype, sim.device).one
-        projected = torch.sub(norm, denom).sign_().add_(one)  # (B, 1)
-        ctx.save_for_backward(normed, denom, projected, *saved)
-        return losses.mean()
+        sim = F.linear(normed, normed)  # (B, B) = normed @ normed.T
+        terms, weights = _ms_terms(sim, labels, cfg, mining, ctx.needs_input_grad[0])
+        if clamped:
+            ctx.projected = norm == denom  # (B, 1)
+        ctx.clamped = clamped
+        ctx.save_for_backward(normed, denom, weights)
+        return torch.dot(terms.view(-1), cfg.inv_full)  # the mean over the B anchors
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):  # type: ignore[override]
-        normed, denom, projected, *saved = ctx.saved_tensors
-        batch = normed.shape[0]
-        grad_sim = _ms_grad_sim(grad_loss.expand(batch), tuple(saved))  # (B, B), 1/B below
-        # d(x x^T) -> (G + G^T) x, the mean's 1/B folded into the product.
-        grad_normed = torch.addmm(normed, grad_sim + grad_sim.T, normed, beta=0.0, alpha=1.0 / batch)
-        radial = torch.linalg.vecdot(normed, grad_normed, dim=1)[:, None].mul_(projected)  # (B, 1)
-        grad_emb = torch.addcmul(grad_normed, normed, radial, value=-1.0).div_(denom)  # (B, D)
-        return grad_emb, None, None, None, None, None, None, None, None
+        normed, denom, weights = ctx.saved_tensors
+        grad_sim = weights.sum(dim=0)  # (B, B), the 1/B included
+        # d(x x^T) -> (G + G^T) x.
+        grad_normed = torch.mm(grad_sim + grad_sim.T, normed)  # (B, D)
+        radial = torch.mul(normed, grad_normed).sum(dim=1, keepdim=True)  # (B, 1)
+        if ctx.clamped:
+            radial.mul_(ctx.projected)
+        grad_emb = grad_normed.addcmul_(normed, radial, value=-1.0)  # (B, D)
+        return grad_emb.mul_(torch.div(grad_loss, denom)), None, None, None, None
 
 
 def multi_similarity_anchor_losses(
@@ -391,10 +481,13 @@ def _multi_similarity_loss(embeddings: Tensor, labels: Tensor, alpha: float, bet
         _share_matrix(labels, embeddings.dtype, name)  # the label checks
         # No pair at all: a zero that keeps the graph (and device, dtype) of the input.
         return embeddings.sum() * 0
-    pos, neg = _pair_masks(labels, embeddings.device, embeddings.dtype, name)  # (B, B) each
-    return _MeanMultiSimilarity.apply(
-        embeddings, pos, neg, float(alpha), float(beta), float(base), float(epsilon), bool(mining), name
-    )
+    batch, dtype, device = embeddings.shape[0], embeddings.dtype, embeddings.device
+    cfg = _config(float(alpha), float(beta), float(base), float(epsilon), batch, batch, batch, dtype, device,
+                  True, True)
+    if labels.device != device:
+        labels = labels.to(device)
+    terms = _label_terms(_share_matrix(labels, dtype, name), cfg)  # (k, B, B), after the label checks
+    return _MeanMultiSimilarity.apply(embeddings, terms, cfg, bool(mining), name)
 
 
 class MultiSimilarityLoss(nn.Module):
