@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch

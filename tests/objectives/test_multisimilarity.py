@@ -307,10 +307,10 @@ def test_zero_embedding_rows_match_pml():
 def test_cuda_follows_embeddings_with_cpu_labels():
     emb, labels = random_batch(32, 8, 4, seed=0, dtype=torch.float32)
     cpu = multi_similarity_loss(emb, labels)
-    gpu = multi_similarity_loss(emb.cuda(), labels)  # labels stay on the CPU
+    gpu = multi_similarity_loss(emb.to("cuda"), labels)  # labels stay on the CPU
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, **TOL[torch.float32])
-    zero = multi_similarity_loss(emb[:1].cuda().requires_grad_(True), labels[:1])
+    zero = multi_similarity_loss(emb[:1].to("cuda").requires_grad_(True), labels[:1])
     assert zero.device.type == "cuda" and zero.item() == 0.0
 
 
