@@ -355,7 +355,8 @@ _MB_SCRIPT = textwrap.dedent(
 )
 
 
-def test_multibench_train_runs_refnet(tmp_path):
+def _multibench_root() -> Path:
+    """The MultiBench checkout of MULTIBENCH_PATH, or skip."""
     root = os.environ.get("MULTIBENCH_PATH")
     if not root:
         pytest.skip("MULTIBENCH_PATH is not set: point it at a MultiBench checkout (git clone of pliang279/MultiBench)")
@@ -365,12 +366,21 @@ def test_multibench_train_runs_refnet(tmp_path):
     if missing:
         pytest.skip(f"MultiBench's train() imports {missing} (eval_scripts); pip install memory-profiler "
                     "matplotlib scikit-learn tqdm to run this test")
-    proc = subprocess.run([sys.executable, "-c", _MB_SCRIPT, str(tmp_path)], cwd=root, capture_output=True,
-                          text=True, timeout=300)
+    return Path(root)
+
+
+def _multibench_result(proc: subprocess.CompletedProcess) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, proc.stdout[-3000:]
-    results = json.loads(line[-1][len("RESULT "):])
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def test_multibench_train_runs_refnet(tmp_path):
+    root = _multibench_root()
+    proc = subprocess.run([sys.executable, "-c", _MB_SCRIPT, str(tmp_path)], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    results = _multibench_result(proc)
     assert results == {"embedding_ms": True, "input_target": True, "multilabel_ms": True, "args_refiner": True}
 
 
@@ -454,27 +464,6 @@ _MB_DEQ_SCRIPT = textwrap.dedent(
     }))
     """
 )
-
-
-def _multibench_root() -> Path:
-    """The MultiBench checkout of MULTIBENCH_PATH, or skip."""
-    root = os.environ.get("MULTIBENCH_PATH")
-    if not root:
-        pytest.skip("MULTIBENCH_PATH is not set: point it at a MultiBench checkout (git clone of pliang279/MultiBench)")
-    if not (Path(root) / "training_structures" / "Supervised_Learning.py").is_file():
-        pytest.skip(f"MULTIBENCH_PATH={root} has no training_structures/Supervised_Learning.py")
-    missing = [m for m in MULTIBENCH_EXTRAS if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"MultiBench's train() imports {missing} (eval_scripts); pip install memory-profiler "
-                    "matplotlib scikit-learn tqdm to run this test")
-    return Path(root)
-
-
-def _multibench_result(proc: subprocess.CompletedProcess) -> dict:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert line, proc.stdout[-3000:]
-    return json.loads(line[-1][len("RESULT "):])
 
 
 def test_multibench_train_runs_deq(tmp_path):
