@@ -59,12 +59,14 @@ def solver_statistics(model: nn.Module, loader) -> dict:
     for batch in loader:
         model([x.float() for x in batch[:-1]])
         info = deq.last_info
-        steps.append(info["steps"].float())
+        # staged solve (the default): steps of the modality stage and of the fused stage
+        stages = info.get("stages") or [info]
+        steps.append(torch.stack([st["steps"].float() for st in stages], 1))    # (b, stages)
         residuals.append(info["rel_residual"].float())
         converged.append(info["converged"].float())
     steps, residuals, converged = torch.cat(steps), torch.cat(residuals), torch.cat(converged)
-    return {"n": len(steps), "max_iter": info["max_iter"], "tol": info["tol"],
-            "steps_mean": steps.mean().item(), "steps_max": steps.max().item(),
+    return {"n": len(steps), "max_iter": stages[0]["max_iter"], "tol": info["tol"],
+            "steps_mean": steps.mean(0).tolist(), "steps_max": steps.max().item(),
             "residual_median": residuals.median().item(), "residual_max": residuals.max().item(),
             "converged": converged.mean().item()}
 
@@ -118,8 +120,9 @@ def main() -> None:
           f"AUROC {metrics['auroc']:.4f}  (n={metrics['n']})")
     if not args.baseline:
         s = solver_statistics(result.model, test_dl)
-        print(f"solver on the {s['n']} test samples (cap {s['max_iter']} steps, tolerance {s['tol']:g}): "
-              f"steps mean {s['steps_mean']:.1f} / max {s['steps_max']:.0f}, relative residual median "
+        print(f"solver on the {s['n']} test samples (cap {s['max_iter']} steps per stage, tolerance {s['tol']:g}): "
+              f"steps mean {' + '.join(f'{v:.1f}' for v in s['steps_mean'])} (stages) / max {s['steps_max']:.0f}, "
+              f"relative residual median "
               f"{s['residual_median']:.2e} / max {s['residual_max']:.2e}, converged {100 * s['converged']:.1f} %")
 
 

@@ -30,12 +30,13 @@ Modes:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from multizoo_ext.fusions.deq_solvers import get_solver, residuals
+from multizoo_ext.fusions.deq_staged import is_staged, merge_stage_infos, stage_tolerance
 
 __all__ = [
     "BACKWARD_MODES",
@@ -92,15 +93,73 @@ def jacobian_penalty(fz: torch.Tensor, z_in: torch.Tensor, n_vectors: int = DEFA
     return total / (int(n_vectors) * z_in.numel())
 
 
+def _solve_adjoint(f: Callable[..., torch.Tensor], z: torch.Tensor, out: torch.Tensor, inp: torch.Tensor,
+                   rhs: torch.Tensor, solve: Solve, compact: Union[bool, float]
+                   ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """Solve ``y = y J_f(z) + rhs`` (all ``(B, n)``) on vector-Jacobian products.
+
+    ``out = f(inp)`` is the full-batch graph at ``inp`` (``z`` with grad). When the solver drops
+    converged samples (compact), ``f`` is recomputed on the remaining rows once, so later
+    products cost only those rows.
+    """
+    B = rhs.shape[0]
+    graph: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {B: (out, inp, rhs)}
+
+    def step(y: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b = y.shape[0]                                                # y J_f(z) + rhs, (b, n)
+        if b not in graph:
+            assert index is not None
+            with torch.enable_grad():
+                zi = z.index_select(0, index).requires_grad_()
+                fzi = f(zi, index)
+            for key in [k for k in graph if k != B]:
+                del graph[key]
+            graph[b] = (fzi, zi, rhs.index_select(0, index))
+        o, i, r = graph[b]
+        (vjp,) = torch.autograd.grad(o, i, y, retain_graph=True)
+        return vjp + r
+
+    # Start at rhs, which is the first fixed-point iterate from 0 (saves one VJP).
+    y, info = solve(step, rhs, compact=compact)
+    graph.clear()
+    return y, info
+
+
+def _solve_adjoint_staged(f: Any, z_in: torch.Tensor, g: torch.Tensor, solve: Solve,
+                          compact: Union[bool, float], tol: float, stop_mode: str
+                          ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """``y = y J_f(z) + g`` for a staged (lower block-triangular) ``f``, last stage first
+    (see :mod:`multizoo_ext.fusions.deq_staged`): stage ``k`` solves
+    ``y_k = y_k df_k/dz_k + rhs_k``, then passes ``y_k df_k/dz_j`` to the earlier stages' rhs."""
+    sizes = list(f.stage_sizes)
+    K = len(sizes)
+    zs = [t.contiguous() for t in z_in.detach().split(sizes, dim=1)]
+    rhs = [t.contiguous() for t in g.split(sizes, dim=1)]
+    ys: List[Optional[torch.Tensor]] = [None] * K
+    infos: List[Optional[Dict[str, Any]]] = [None] * K
+    k_tol = stage_tolerance(tol, stop_mode, K)
+    for k in reversed(range(K)):
+        with torch.enable_grad():
+            earlier = [zs[j].detach().requires_grad_() for j in range(k)]
+            zk = zs[k].detach().requires_grad_()
+            fk = f.stage(k, earlier)
+            out = fk(zk)
+        ys[k], infos[k] = _solve_adjoint(fk, zs[k], out, zk, rhs[k], functools.partial(solve, tol=k_tol), compact)
+        if k > 0:
+            for j, c in enumerate(torch.autograd.grad(out, earlier, ys[k])):
+                rhs[j] = rhs[j] + c
+        del out, fk
+    return torch.cat(ys, dim=1), merge_stage_infos(infos, tol, stop_mode)
+
+
 class _ImplicitFn(torch.autograd.Function):
     """Identity on ``fz`` whose backward solves ``y = y J + g`` (one node per forward)."""
 
     @staticmethod
     def forward(ctx: Any, fz: torch.Tensor, z_in: torch.Tensor,  # type: ignore[override]
-                f: Callable[..., torch.Tensor], solve: Solve, compact: Union[bool, float],
-                info: Dict[str, Any]) -> torch.Tensor:
+                f: Callable[..., torch.Tensor], mode: "ImplicitBackward", info: Dict[str, Any]) -> torch.Tensor:
         ctx.save_for_backward(fz, z_in)
-        ctx.f, ctx.solve, ctx.compact, ctx.info = f, solve, compact, info
+        ctx.f, ctx.mode, ctx.info = f, mode, info
         return fz.view_as(fz)
 
     @staticmethod
@@ -108,31 +167,15 @@ class _ImplicitFn(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
         fz, z_in = ctx.saved_tensors
         g = g.detach()
-        B = g.shape[0]
-        # Graph of f for the rows still being solved; the full batch uses the forward's
-        # recomputation. When the solver drops converged samples (compact), f is recomputed
-        # on the remaining rows once, so later vector-Jacobian products cost only those rows.
-        graph: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {B: (fz, z_in, g)}
-
-        def step(y: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-            b = y.shape[0]                                            # y J_f(z*) + g, (b, n)
-            if b not in graph:
-                assert index is not None
-                with torch.enable_grad():
-                    zi = z_in.detach().index_select(0, index).requires_grad_()
-                    fzi = ctx.f(zi, index)
-                for key in [k for k in graph if k != B]:
-                    del graph[key]
-                graph[b] = (fzi, zi, g.index_select(0, index))
-            out, inp, rhs = graph[b]
-            (vjp,) = torch.autograd.grad(out, inp, y, retain_graph=True)
-            return vjp + rhs
-
-        # Start at g, which is the first fixed-point iterate from 0 (saves one VJP).
-        y, binfo = ctx.solve(step, g, compact=ctx.compact)
-        graph.clear()
+        mode = ctx.mode
+        if mode.staged and is_staged(ctx.f):
+            y, binfo = _solve_adjoint_staged(ctx.f, z_in, g, mode.backward_solve, mode.compact, mode.tol,
+                                             mode.stop_mode)
+        else:
+            # the full batch uses the forward's recomputation of f at z*
+            y, binfo = _solve_adjoint(ctx.f, z_in.detach(), fz, z_in, g, mode.backward_solve, mode.compact)
         ctx.info["backward"] = binfo
-        return y, None, None, None, None, None
+        return y, None, None, None, None
 
 
 class ImplicitBackward:
@@ -141,20 +184,24 @@ class ImplicitBackward:
     Args:
         solver: name of the backward solver (``'anderson'``, ``'broyden'``,
             ``'fixed_point_iter'``).
-        max_iter: cap on vector-Jacobian products per backward.
+        max_iter: cap on vector-Jacobian products per backward (per stage when staged).
         tol: per-sample tolerance of the backward fixed point.
         stop_mode: ``'rel'`` or ``'abs'``.
         solver_options: extra solver keyword arguments (``m``, ``lam``, ``beta``, ...).
         compact: let the backward solver drop converged samples; ``f`` must then accept
             ``f(z_sub, index)`` (as a DEQ layer's map does). Default: False.
+        staged: when ``f`` is staged (block-triangular, :mod:`multizoo_ext.fusions.deq_staged`),
+            solve the adjoint system stage by stage, last stage first. Default: False.
     """
 
     solves_forward = True
 
     def __init__(self, solver: str, max_iter: int, tol: float, stop_mode: str,
-                 solver_options: Optional[Mapping[str, Any]] = None, compact: bool = False) -> None:
+                 solver_options: Optional[Mapping[str, Any]] = None, compact: bool = False,
+                 staged: bool = False) -> None:
         opts = {k: v for k, v in dict(solver_options or {}).items() if k not in ("compact", "trace")}
         self.compact: Union[bool, float] = BACKWARD_COMPACT_FRACTION if compact else False
+        self.tol, self.stop_mode, self.staged = float(tol), stop_mode, bool(staged)
         self.backward_solve: Solve = functools.partial(
             get_solver(solver), max_iter=int(max_iter), tol=float(tol), stop_mode=stop_mode, **opts)
 
@@ -166,7 +213,7 @@ class ImplicitBackward:
             return z_star, info, None
         z_in = z_star.detach().requires_grad_()
         fz = f(z_in)                                                  # (B, n), one step with a graph
-        out = _ImplicitFn.apply(fz, z_in, f, self.backward_solve, self.compact, info)
+        out = _ImplicitFn.apply(fz, z_in, f, self, info)
         return out, info, ((fz, z_in) if want_jac else None)
 
 
@@ -261,13 +308,14 @@ BACKWARD_MODES = ("implicit", "phantom", "unrolled")
 def build_backward(mode: str, *, b_solver: str, b_max_iter: int, b_tol: float, stop_mode: str,
                    solver_options: Optional[Mapping[str, Any]] = None,
                    phantom_steps: int = DEFAULT_PHANTOM_STEPS, phantom_tau: float = DEFAULT_PHANTOM_TAU,
-                   unroll_steps: int = 1, f_tol: float = 0.0, compact: bool = False) -> Any:
+                   unroll_steps: int = 1, f_tol: float = 0.0, compact: bool = False,
+                   staged: bool = False) -> Any:
     """Resolve a gradient mode by name into an object with ``run(...)``.
 
     Args:
         mode: ``'implicit'``, ``'phantom'`` or ``'unrolled'``.
-        b_solver, b_max_iter, b_tol, stop_mode, solver_options, compact: implicit mode's
-            backward solve (see :class:`ImplicitBackward`).
+        b_solver, b_max_iter, b_tol, stop_mode, solver_options, compact, staged: implicit
+            mode's backward solve (see :class:`ImplicitBackward`).
         phantom_steps, phantom_tau: phantom mode.
         unroll_steps, f_tol: unrolled mode (``f_tol`` only fills ``info['converged']``).
 
@@ -276,7 +324,7 @@ def build_backward(mode: str, *, b_solver: str, b_max_iter: int, b_tol: float, s
     """
     key = str(mode).lower()
     if key == "implicit":
-        return ImplicitBackward(b_solver, b_max_iter, b_tol, stop_mode, solver_options, compact)
+        return ImplicitBackward(b_solver, b_max_iter, b_tol, stop_mode, solver_options, compact, staged)
     if key == "phantom":
         return PhantomBackward(phantom_steps, phantom_tau)
     if key == "unrolled":

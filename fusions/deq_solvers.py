@@ -36,6 +36,7 @@ Every solver finds ``z*`` with ``z* = f(z*)`` and shares one signature::
 ``info`` (a dict, all tensors on ``z0``'s device, detached):
     ``steps`` (B,) int64: evaluations of ``f`` up to the returned iterate (1 = ``z0``);
     ``abs_residual`` / ``rel_residual`` (B,): residuals of the returned iterate;
+    ``f_norm`` (B,): ``||f(z)||`` of the returned iterate (to combine residuals of parts);
     ``converged`` (B,) bool; ``nan`` (B,) bool; ``diverged`` (B,) bool;
     ``iterations`` (int): evaluations of ``f`` on the (working) batch;
     ``stop_mode``, ``tol``, ``max_iter``; and with ``trace=True``: ``trace_abs`` /
@@ -162,7 +163,7 @@ class _Tracker:
     the end, so an iteration costs no scatter/gather over the full batch.
     """
 
-    _FIELDS = ("best_z", "best_abs", "best_rel", "steps", "converged", "nan", "diverged")
+    _FIELDS = ("best_z", "best_abs", "best_rel", "best_fnorm", "steps", "converged", "nan", "diverged")
 
     def __init__(self, z0: torch.Tensor, tol: float, stop_mode: str, trace: bool,
                  divergence: float) -> None:
@@ -175,6 +176,7 @@ class _Tracker:
         self.best_z = z0.clone()                                     # (b, n)
         self.best_abs = torch.full((B,), math.inf, device=dev, dtype=dt)
         self.best_rel = torch.full((B,), math.inf, device=dev, dtype=dt)
+        self.best_fnorm = torch.full((B,), math.inf, device=dev, dtype=dt)
         self.steps = torch.zeros(B, device=dev, dtype=torch.long)
         self.converged = torch.zeros(B, device=dev, dtype=torch.bool)
         self.nan = torch.zeros(B, device=dev, dtype=torch.bool)
@@ -197,7 +199,8 @@ class _Tracker:
         self.iterations += 1
         if abs_res is None:
             abs_res = torch.linalg.vector_norm(fx - x, dim=1)
-        rel_res = abs_res / (torch.linalg.vector_norm(fx, dim=1) + _REL_EPS)
+        f_norm = torch.linalg.vector_norm(fx, dim=1)
+        rel_res = abs_res / (f_norm + _REL_EPS)
         res = abs_res if self.stop_mode == "abs" else rel_res
         if self.limit is None:                                        # divergence threshold (b,)
             self.limit = self.divergence * abs_res
@@ -209,6 +212,7 @@ class _Tracker:
         self.best_z = torch.where(better[:, None], x, self.best_z)
         self.best_abs = torch.where(better, abs_res, self.best_abs)
         self.best_rel = torch.where(better, rel_res, self.best_rel)
+        self.best_fnorm = torch.where(better, f_norm, self.best_fnorm)
         self.steps = torch.where(better, self.iterations, self.steps)
         fine = abs_res <= self.limit                                  # False for NaN and blow-ups
         new_conv = ok & (res <= self.tol)
@@ -269,6 +273,7 @@ class _Tracker:
             "steps": full["steps"],
             "abs_residual": full["best_abs"],
             "rel_residual": full["best_rel"],
+            "f_norm": full["best_fnorm"],
             "converged": full["converged"],
             "nan": full["nan"],
             "diverged": full["diverged"],

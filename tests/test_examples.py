@@ -30,13 +30,13 @@ def test_deq_digits_example(monkeypatch, capsys):
     assert acc, out
     assert float(acc.group(1)) >= 0.3 and int(acc.group(4)) == 359, out      # 10 classes: chance 0.1
     assert "DEQFusion(width 32, anderson), Jacobian weight 0.1, fusion lr x0.1" in out
-    solver = re.search(r"solver on the (\d+) test samples \(cap (\d+) steps, tolerance ([0-9.e-]+)\): steps mean "
-                       r"([0-9.]+) / max (\d+), relative residual median ([0-9.e+-]+) / max ([0-9.e+-]+), "
-                       r"converged ([0-9.]+) %", out)
+    solver = re.search(r"solver on the (\d+) test samples \(cap (\d+) steps per stage, tolerance ([0-9.e-]+)\): "
+                       r"steps mean ([0-9.]+) \+ ([0-9.]+) \(stages\) / max (\d+), relative residual median "
+                       r"([0-9.e+-]+) / max ([0-9.e+-]+), converged ([0-9.]+) %", out)
     assert solver, out
-    n, cap, _, mean, top, median, worst, conv = solver.groups()
+    n, cap, _, mean_m, mean_f, top, median, worst, conv = solver.groups()
     assert int(n) == 359 and int(cap) == 55
-    assert 1 <= float(mean) <= int(top) <= 55
+    assert 1 <= float(mean_m) <= int(top) <= 55 and 1 <= float(mean_f) <= int(top)
     assert 0 < float(median) <= float(worst) < 1 and 0 <= float(conv) <= 100
 
 

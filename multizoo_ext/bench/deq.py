@@ -108,6 +108,12 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "tol_matched_phantom1": {"f_tol": "ref_median", "backward": "phantom", "phantom_steps": 1},
     "tol_matched_btol_matched_anderson10": {"f_tol": "ref_median", "b_tol": "ref_median",
                                             "solver_kwargs": {"m": 10}},
+    # one solve of the joint state (the reference's way) instead of the staged solve
+    "joint": {"staged": False},
+    "tol_matched_joint": {"f_tol": "ref_median", "staged": False},
+    "tol_matched_btol_matched_joint": {"f_tol": "ref_median", "b_tol": "ref_median", "staged": False},
+    "tol_matched_phantom1_joint": {"f_tol": "ref_median", "backward": "phantom", "phantom_steps": 1,
+                                   "staged": False},
 }
 DEFAULT_VARIANTS = ("default", "tol_matched", "tol_matched_nocompact", "tol_matched_btol_matched",
                     "tol_matched_phantom")
@@ -343,12 +349,12 @@ def per_sample_residuals(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Ten
 
 def _vjp_residuals(step: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Residuals of the backward fixed point ``y = y J + g`` (``step(y) = y J + g``)."""
+    """``(abs, ||step(y)||)`` per sample for the backward fixed point ``y = y J + g``
+    (``step(y) = y J + g``)."""
     fy = step(y).detach()
     b = y.shape[0]
     d = (fy - y).reshape(b, -1)
-    a = torch.linalg.vector_norm(d, dim=1)
-    return a, a / (torch.linalg.vector_norm(fy.reshape(b, -1), dim=1) + _REL_EPS)
+    return torch.linalg.vector_norm(d, dim=1), torch.linalg.vector_norm(fy.reshape(b, -1), dim=1)
 
 
 def _stats(t: Optional[torch.Tensor]) -> Optional[Dict[str, float]]:
@@ -371,37 +377,54 @@ class _Probe:
 
     @staticmethod
     def _counting(f: Callable[..., torch.Tensor], rec: Dict[str, Any]) -> Callable[..., torch.Tensor]:
-        rec["evals"], rec["rows"], rec["f_time"] = 0, 0, 0.0
+        """``f`` counting into ``rec`` (totals accumulate over the solves of one step, e.g.
+        the stages of a staged solve; ``stage_rows`` lists each solve's rows)."""
+        for key, zero in (("evals", 0), ("rows", 0), ("f_time", 0.0)):
+            rec.setdefault(key, zero)
+        rec.setdefault("stage_rows", []).append(0)
 
         def g(z: torch.Tensor, *index: Any) -> torch.Tensor:
             rec["evals"] += 1
             rec["rows"] += int(z.shape[0])
+            rec["stage_rows"][-1] += int(z.shape[0])
             t = time.perf_counter()
             out = f(z, *index)
             rec["f_time"] += time.perf_counter() - t            # CPU ops are synchronous
             return out
         return g
 
+    @staticmethod
+    def _timed(rec: Dict[str, Any], t0: float) -> None:
+        rec["solve_time"] = rec.get("solve_time", 0.0) + time.perf_counter() - t0
+
 
 class OursProbe(_Probe):
-    """Wraps ``fusion._solve`` and the implicit mode's ``backward_solve`` (instance attributes;
-    the library file is not changed) to count evaluations and keep ``z*`` and ``f``."""
+    """Wraps ``fusion._solve`` (each solver run: counts evaluations), ``fusion._solve_fixed_point``
+    (the whole forward solve, staged or not: keeps the joint residual of ``z*`` on the joint
+    ``f``) and the implicit mode's ``backward_solve`` (each backward solver run; a staged
+    backward runs one per stage, whose residuals combine exactly into the joint one) as
+    instance attributes; the library file is not changed."""
 
     def __init__(self, fusion: DEQFusion) -> None:
         super().__init__()
         self.fusion = fusion
-        orig_f = fusion._solve
+        orig_f, orig_fp = fusion._solve, fusion._solve_fixed_point
 
         def fsolve(f: Callable[..., torch.Tensor], z0: torch.Tensor, *args: Any, **kw: Any
                    ) -> Tuple[torch.Tensor, Dict[str, Any]]:
             t = time.perf_counter()
             z, info = orig_f(self._counting(f, self.fwd), z0, *args, **kw)
-            self.fwd["solve_time"] = time.perf_counter() - t
+            self._timed(self.fwd, t)
+            return z, info
+
+        def fixed_point(f: Callable[..., torch.Tensor], z0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
+            z, info = orig_fp(f, z0)
             if self.measure:
                 a, r = per_sample_residuals(f, z)
                 self.fwd.update(abs=a, rel=r)
             return z, info
         fusion._solve = fsolve
+        fusion._solve_fixed_point = fixed_point
         grad = fusion._grad
         if hasattr(grad, "backward_solve"):
             orig_b = grad.backward_solve
@@ -410,10 +433,12 @@ class OursProbe(_Probe):
                        ) -> Tuple[torch.Tensor, Dict[str, Any]]:
                 t = time.perf_counter()
                 y, info = orig_b(self._counting(step, self.bwd), y0, *args, **kw)
-                self.bwd["solve_time"] = time.perf_counter() - t
+                self._timed(self.bwd, t)
                 if self.measure:
-                    a, r = _vjp_residuals(step, y)
-                    self.bwd.update(abs=a, rel=r)
+                    a, n = _vjp_residuals(step, y)
+                    a2 = self.bwd.get("abs2", 0.0) + a.square()
+                    n2 = self.bwd.get("norm2", 0.0) + n.square()
+                    self.bwd.update(abs2=a2, norm2=n2, abs=a2.sqrt(), rel=a2.sqrt() / (n2.sqrt() + _REL_EPS))
                 return y, info
             grad.backward_solve = bsolve
 
@@ -428,7 +453,7 @@ class RefProbe(_Probe):
         def fsolve(func: Callable[..., torch.Tensor], x0: torch.Tensor, **kw: Any) -> Dict[str, Any]:
             t = time.perf_counter()
             res = orig_f(self._counting(func, self.fwd), x0, **kw)
-            self.fwd["solve_time"] = time.perf_counter() - t
+            self._timed(self.fwd, t)
             self.fwd["nstep"] = res.get("nstep")
             if self.measure:
                 a, r = per_sample_residuals(func, res["result"])
@@ -438,11 +463,11 @@ class RefProbe(_Probe):
         def bsolve(func: Callable[..., torch.Tensor], x0: torch.Tensor, **kw: Any) -> Dict[str, Any]:
             t = time.perf_counter()
             res = orig_b(self._counting(func, self.bwd), x0, **kw)
-            self.bwd["solve_time"] = time.perf_counter() - t
+            self._timed(self.bwd, t)
             self.bwd["nstep"] = res.get("nstep")
             if self.measure:
-                a, r = _vjp_residuals(func, res["result"])
-                self.bwd.update(abs=a, rel=r)
+                a, n = _vjp_residuals(func, res["result"])
+                self.bwd.update(abs=a, rel=a / (n + _REL_EPS))
             return res
         model.f_solver, model.b_solver = fsolve, bsolve
 
@@ -505,7 +530,8 @@ def _ours(width: int, modalities: int, f_max_iter: int, b_max_iter: int, **kw: A
 
 def _effective_settings(model: DEQFusion) -> Dict[str, Any]:
     """The tolerances/caps our module actually runs with (its defaults may change)."""
-    out: Dict[str, Any] = {"backward": getattr(model, "backward_mode", None)}
+    out: Dict[str, Any] = {"backward": getattr(model, "backward_mode", None),
+                           "staged": getattr(model, "staged", False)}
     fk = getattr(getattr(model, "_solve", None), "keywords", {}) or {}
     out.update({"f_tol": fk.get("tol"), "f_max_iter": fk.get("max_iter"), "stop_mode": fk.get("stop_mode"),
                 "compact": fk.get("compact")})
@@ -521,6 +547,8 @@ def _summary(probe: _Probe, model_info: Optional[Dict[str, Any]]) -> Dict[str, A
         "forward_rows": probe.fwd.get("rows"),
         "backward_evals": probe.bwd.get("evals"),
         "backward_rows": probe.bwd.get("rows"),
+        "forward_stage_rows": list(probe.fwd.get("stage_rows", [])),
+        "backward_stage_rows": list(probe.bwd.get("stage_rows", [])),
         "forward_rel_residual": _stats(probe.fwd.get("rel")),
         "forward_abs_residual": _stats(probe.fwd.get("abs")),
         "backward_rel_residual": _stats(probe.bwd.get("rel")),
@@ -608,7 +636,9 @@ def measure_speed(ref: Optional[types.SimpleNamespace], width: int = 512, batch:
     # fusion-parameter gradient (a sum over samples, so one such sample can dominate it).
     if grad_check and any(v["kind"] == "ours" for v in impls.values()):
         first = next(v["model"] for v in impls.values() if v["kind"] == "ours")
-        exact_model = _ours(width, modalities, 300, 300, f_tol=1e-9, b_tol=1e-9).to(device).double().train()
+        # the joint (unstaged) solve, so the staged default is checked against the other path
+        exact_model = _ours(width, modalities, 300, 300, f_tol=1e-9, b_tol=1e-9,
+                            staged=False).to(device).double().train()
         exact_model.load_state_dict(first.state_dict())
         head64 = torch.nn.Linear(width, NUM_CLASSES).to(device).double()
         head64.load_state_dict(head.state_dict())
@@ -618,7 +648,8 @@ def measure_speed(ref: Optional[types.SimpleNamespace], width: int = 512, batch:
         exact_x = torch.cat([t.grad for t in x64], 1).cpu()                       # (B, M d)
         info = exact_model.last_info or {}
         res["exact_gradient"] = {
-            "how": "ours, float64, Anderson, f_tol = b_tol = 1e-9 (rel), caps 300/300, CE loss only",
+            "how": "ours, float64, Anderson on the joint state, f_tol = b_tol = 1e-9 (rel), caps 300/300, "
+                   "CE loss only",
             "forward_converged_fraction": float(info["converged"].float().mean()) if "converged" in info else None,
             "backward_converged_fraction": float(info["backward"]["converged"].float().mean())
             if "backward" in info else None}
@@ -1006,6 +1037,15 @@ def _mib(b: Optional[int]) -> str:
     return "-" if b is None else f"{b / 2**20:.1f}"
 
 
+def _rows_cell(r: Dict[str, Any], side: str, B: int) -> str:
+    """Rows evaluated per batch sample; per stage (``a + b``) for a staged solve."""
+    stages = r.get(f"{side}_stage_rows") or []
+    if len(stages) > 1:
+        return " + ".join(_fmt(v / B) for v in stages)
+    rows = r.get(f"{side}_rows")
+    return _fmt(rows / B if rows else None)
+
+
 def to_markdown(result: Dict[str, Any]) -> str:
     """Markdown tables of :func:`run`'s result."""
     env = result.get("environment", {})
@@ -1036,7 +1076,7 @@ def to_markdown(result: Dict[str, Any]) -> str:
             lines.append(f"Same fusion function in both (reference parameters copied into ours): max |f_ref(z) - "
                          f"f_ours(z)| = {sp['same_function_max_abs_diff']:.2e} at a random z.\n")
         lines.append("| impl | settings | step s | fwd s | bwd s | speed-up (step / fwd / bwd) | paired step speed-up | fwd evals | "
-                     "fwd rows / B | steps/sample (mean, max) | bwd VJPs | bwd rows / B | fwd rel. residual "
+                     "fwd rows / B (per stage when staged) | steps/sample (mean, max) | bwd VJPs | bwd rows / B | fwd rel. residual "
                      "(median, max) | bwd rel. residual (median, max) | equal or better | input-grad rel. error "
                      "per sample (median, p90) | param-grad rel. error (cosine) |")
         lines.append("|" + "---|" * 17)
@@ -1051,7 +1091,7 @@ def to_markdown(result: Dict[str, Any]) -> str:
             eff = r.get("effective_settings")
             if eff:
                 settings = (settings + "; " if settings else "") + "runs with " + ", ".join(
-                    f"{k}={_fmt(eff.get(k))}" for k in ("f_tol", "b_tol", "compact", "backward") if k in eff)
+                    f"{k}={_fmt(eff.get(k))}" for k in ("f_tol", "b_tol", "compact", "staged", "backward") if k in eff)
             lines.append(
                 f"| {name} | {settings} | {_fmt(t.get('step'))} | {_fmt(t.get('forward'))} | "
                 f"{_fmt(t.get('backward'))} | "
@@ -1059,10 +1099,10 @@ def to_markdown(result: Dict[str, Any]) -> str:
                    else ("1" if name == "reference" else "-")) + " | "
                 + (f"{r['speedup_paired_median']:.2f}x" if r.get("speedup_paired_median") else "-") + " | "
                 f"{_fmt(r.get('forward_evals'))} | "
-                f"{_fmt(r['forward_rows'] / B if r.get('forward_rows') else None)} | "
+                f"{_rows_cell(r, 'forward', B)} | "
                 + (f"{sps['mean']:.1f}, {sps['max']:.0f}" if sps else "-") + " | "
                 f"{_fmt(r.get('backward_evals'))} | "
-                f"{_fmt(r['backward_rows'] / B if r.get('backward_rows') else None)} | "
+                f"{_rows_cell(r, 'backward', B)} | "
                 f"{_fmt(fr.get('median'))}, {_fmt(fr.get('max'))} | {_fmt(br.get('median'))}, {_fmt(br.get('max'))} | "
                 + ("-" if "residual_equal_or_better" not in r else ("yes" if r["residual_equal_or_better"] else "no"))
                 + " | " + (f"{ge['input_grad_rel_error_median']:.2g}, {ge['input_grad_rel_error_p90']:.2g} | "
@@ -1071,7 +1111,8 @@ def to_markdown(result: Dict[str, Any]) -> str:
                   "backward vector-Jacobian step, the rest is solver bookkeeping) and outside it (forward: "
                   "injections, f recomputed at z* with a graph, Jacobian penalty; backward: head, graph "
                   "recomputation, Jacobian-penalty double backward, parameter gradients); ms per evaluation "
-                  "of one full batch (time in f / (rows / B)).", "",
+                  "of one full batch (time in f / (rows / B); for a staged solve an average over stages of "
+                  "different costs).", "",
                   "| impl | fwd s | fwd solve s | in f s | solver rest s | outside solve s | ms per f | "
                   "bwd s | bwd solve s | in VJP s | solver rest s | outside solve s | ms per VJP |",
                   "|" + "---|" * 13]
