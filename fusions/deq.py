@@ -12,7 +12,8 @@ width ``d``), the state ``z = (z_1, ..., z_M, z_f)`` starts at zeros and one app
 - injection ``x_f = sum_i w_i x_i + b`` with learnable scalars (``w_i = 1``, ``b = 0`` at init).
 
 The forward pass solves ``z* = f_theta(z*; x)`` (Anderson by default, per-sample stopping,
-see :mod:`multizoo_ext.fusions.deq_solvers`) and returns ``z_f*`` ``(B, width)``; gradients
+see :mod:`multizoo_ext.fusions.deq_solvers`; stage by stage, see below) and returns ``z_f*``
+``(B, width)``; gradients
 come from implicit differentiation by default (:mod:`multizoo_ext.fusions.deq_backward`).
 
 Implementation notes (same function as the description, computed faster):
@@ -23,6 +24,14 @@ Implementation notes (same function as the description, computed faster):
   concatenated ``(B, M * d)`` state with ``M * num_groups`` groups (identical groups).
 - Injections (``x_i`` plus the second linear layer's bias, ``x_f`` plus ``W_f``'s bias) are
   computed once per forward, not once per solver iteration.
+- GroupNorm of a ``(B, C)`` state runs as a layer norm over ``(B, groups, C / groups)`` plus
+  the affine (same values; ``group_norm``'s CPU kernel is built for spatial inputs and is
+  2-5x slower here, forward and backward).
+- ``f_theta`` is block-triangular (``z_i'`` never reads ``z_f``), so by default the fixed
+  point is solved in two stages, the modality states first, then the fused state given them
+  (:mod:`multizoo_ext.fusions.deq_staged`; ``staged=False`` solves the joint state at once, as
+  the reference does). The backward's adjoint system can be staged too
+  (``staged_backward=True``), but is not by default (see :class:`DEQDefaults`).
 - :meth:`DEQFusion.naive_step` is the readable module-by-module version, kept to check it.
 
 Example:
@@ -89,11 +98,16 @@ class DEQDefaults:
     #: Drop converged samples from the solver's working batch (helps when samples converge
     #: at different speeds; one host sync per check).
     compact: bool = True
-    #: Solve the block-triangular fixed point stage by stage (modality states, then the fused
-    #: state; the adjoint system in the reverse order): the same joint fixed point for fewer
-    #: and cheaper evaluations (see ``deq_staged``). False solves the joint state at once, as
-    #: the reference does.
+    #: Solve the block-triangular forward fixed point stage by stage (modality states, then
+    #: the fused state): the same joint fixed point for fewer and cheaper evaluations (see
+    #: ``deq_staged``). False solves the joint state at once, as the reference does.
     staged: bool = True
+    #: Solve the backward (adjoint) system stage by stage too. Same solution when the solves
+    #: converge, and faster; but from random initialisation, where most forward solves do not
+    #: converge, it trained markedly worse than the joint backward solve in our runs (digits,
+    #: seed 2, 12 epochs: training loss 1.84 vs 1.34-1.40; see docs/RESULTS.md), whose
+    #: unconverged adjoint acts as a damped gradient. Off by default.
+    staged_backward: bool = False
 
 
 #: The single instance the constructor reads.
@@ -285,13 +299,16 @@ class DEQFusion(nn.Module):
         jac_vectors: random vectors of the estimate. Default: 2 (reference).
         compact: let the forward and backward solvers drop converged samples from their
             working batch. Default: True.
-        staged: solve the (block-triangular) fixed point stage by stage, the modality states
-            first, then the fused state, each with its own solver run (and the backward's
-            adjoint system in the reverse order): the same joint fixed point, within the same
-            joint tolerance, for fewer and cheaper evaluations
+        staged: solve the (block-triangular) forward fixed point stage by stage, the modality
+            states first, then the fused state, each with its own solver run: the same joint
+            fixed point, within the same joint tolerance, for fewer and cheaper evaluations
             (:mod:`multizoo_ext.fusions.deq_staged`). Caps then apply per stage and
             ``steps`` counts stage evaluations. False: one solve of the joint state (the
             reference's way). Default: True.
+        staged_backward: solve the implicit mode's adjoint system stage by stage as well
+            (last stage first): faster, the same gradient when the solves converge, but it
+            trained worse from random initialisation in our runs (see :class:`DEQDefaults`).
+            Default: False.
         trace: keep the per-iteration residuals in the info (``trace_abs``/``trace_rel``).
             Default: False.
         solver_kwargs: extra solver options for both solves (e.g. ``{'m': 5, 'lam': 1e-4,
@@ -324,7 +341,8 @@ class DEQFusion(nn.Module):
                  phantom_steps: int = DEFAULT_PHANTOM_STEPS, phantom_tau: float = DEFAULT_PHANTOM_TAU,
                  unroll_steps: Optional[int] = None, jac_reg: bool = False,
                  jac_vectors: int = DEFAULT_JAC_VECTORS, compact: bool = DEQ_DEFAULTS.compact,
-                 staged: bool = DEQ_DEFAULTS.staged, trace: bool = False, solver_kwargs: Optional[Mapping[str, Any]] = None,
+                 staged: bool = DEQ_DEFAULTS.staged, staged_backward: bool = DEQ_DEFAULTS.staged_backward,
+                 trace: bool = False, solver_kwargs: Optional[Mapping[str, Any]] = None,
                  check_inputs: bool = True) -> None:
         super().__init__()
         self.input_dims = self._dims(input_dims)
@@ -360,6 +378,7 @@ class DEQFusion(nn.Module):
         opts = dict(solver_kwargs or {})
         self.compact = bool(compact)
         self.staged = bool(staged)
+        self.staged_backward = bool(staged_backward)
         self.trace = bool(trace)
         self.f_tol, self.stop_mode = float(f_tol), stop_mode
         self._solve = functools.partial(
@@ -370,7 +389,7 @@ class DEQFusion(nn.Module):
             self.backward_mode, b_solver=(b_solver or self.solver_name), b_max_iter=int(b_max_iter),
             b_tol=float(b_tol), stop_mode=stop_mode, solver_options=opts, phantom_steps=phantom_steps,
             phantom_tau=phantom_tau, unroll_steps=int(f_max_iter if unroll_steps is None else unroll_steps),
-            f_tol=float(f_tol), compact=self.compact, staged=self.staged)
+            f_tol=float(f_tol), compact=self.compact, staged=self.staged_backward)
         self.jac_reg = bool(jac_reg)
         self.jac_vectors = int(jac_vectors)
         self.check_inputs = bool(check_inputs)

@@ -13,7 +13,10 @@ Modes:
   ``g`` (B, n) is replaced by the solution ``y`` of ``y = y J_f(z*) + g``, found by a solver
   (with its own tolerance and cap, per-sample stopping) on vector-Jacobian products, and
   ``y`` then flows through the recomputed ``f`` to the parameters and inputs. Memory does not
-  grow with the number of forward iterations. Each forward builds its own
+  grow with the number of forward iterations. With ``staged=True`` and a staged
+  (block-triangular) ``f``, the adjoint system is solved one stage at a time, last stage
+  first, each on the vector-Jacobian products of its own stage map
+  (:mod:`multizoo_ext.fusions.deq_staged`). Each forward builds its own
   ``torch.autograd.Function`` node, so several forwards before one backward (or a backward
   with ``retain_graph=True`` run twice) are safe; the reference instead keeps one hook
   handle on the module, which a second forward overwrites.
@@ -130,25 +133,31 @@ def _solve_adjoint_staged(f: Any, z_in: torch.Tensor, g: torch.Tensor, solve: So
                           ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """``y = y J_f(z) + g`` for a staged (lower block-triangular) ``f``, last stage first
     (see :mod:`multizoo_ext.fusions.deq_staged`): stage ``k`` solves
-    ``y_k = y_k df_k/dz_k + rhs_k``, then passes ``y_k df_k/dz_j`` to the earlier stages' rhs."""
+    ``y_k = y_k df_k/dz_k + rhs_k``, then passes ``y_k df_k/dz_j`` to the earlier stages' rhs.
+
+    The stage graphs are built once, first stage first, each later stage from the earlier
+    stages' graphed outputs, so ``f`` is evaluated once per stage."""
     sizes = list(f.stage_sizes)
     K = len(sizes)
     zs = [t.contiguous() for t in z_in.detach().split(sizes, dim=1)]
     rhs = [t.contiguous() for t in g.split(sizes, dim=1)]
+    with torch.enable_grad():
+        inputs = [z.requires_grad_() for z in (t.detach() for t in zs)]
+        maps: List[Callable[..., torch.Tensor]] = []
+        outs: List[torch.Tensor] = []
+        for k in range(K):
+            maps.append(f.stage(k, inputs[:k], outs[:k]))
+            outs.append(maps[k](inputs[k]))
     ys: List[Optional[torch.Tensor]] = [None] * K
     infos: List[Optional[Dict[str, Any]]] = [None] * K
-    k_tol = stage_tolerance(tol, stop_mode, K)
+    k_solve = functools.partial(solve, tol=stage_tolerance(tol, stop_mode, K))
     for k in reversed(range(K)):
-        with torch.enable_grad():
-            earlier = [zs[j].detach().requires_grad_() for j in range(k)]
-            zk = zs[k].detach().requires_grad_()
-            fk = f.stage(k, earlier)
-            out = fk(zk)
-        ys[k], infos[k] = _solve_adjoint(fk, zs[k], out, zk, rhs[k], functools.partial(solve, tol=k_tol), compact)
+        ys[k], infos[k] = _solve_adjoint(maps[k], zs[k], outs[k], inputs[k], rhs[k], k_solve, compact)
         if k > 0:
-            for j, c in enumerate(torch.autograd.grad(out, earlier, ys[k])):
+            for j, c in enumerate(torch.autograd.grad(outs[k], inputs[:k], ys[k], retain_graph=True)):
                 rhs[j] = rhs[j] + c
-        del out, fk
+        outs.pop()                                                # free this stage's graph
+        maps.pop()
     return torch.cat(ys, dim=1), merge_stage_infos(infos, tol, stop_mode)
 
 

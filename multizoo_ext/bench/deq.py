@@ -108,6 +108,10 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "tol_matched_phantom1": {"f_tol": "ref_median", "backward": "phantom", "phantom_steps": 1},
     "tol_matched_btol_matched_anderson10": {"f_tol": "ref_median", "b_tol": "ref_median",
                                             "solver_kwargs": {"m": 10}},
+    # the adjoint system solved stage by stage as well (off by default: see DEQDefaults)
+    "tol_matched_staged_bwd": {"f_tol": "ref_median", "staged_backward": True},
+    "tol_matched_btol_matched_staged_bwd": {"f_tol": "ref_median", "b_tol": "ref_median",
+                                            "staged_backward": True},
     # one solve of the joint state (the reference's way) instead of the staged solve
     "joint": {"staged": False},
     "tol_matched_joint": {"f_tol": "ref_median", "staged": False},
@@ -531,7 +535,8 @@ def _ours(width: int, modalities: int, f_max_iter: int, b_max_iter: int, **kw: A
 def _effective_settings(model: DEQFusion) -> Dict[str, Any]:
     """The tolerances/caps our module actually runs with (its defaults may change)."""
     out: Dict[str, Any] = {"backward": getattr(model, "backward_mode", None),
-                           "staged": getattr(model, "staged", False)}
+                           "staged": getattr(model, "staged", False),
+                           "staged_backward": getattr(model, "staged_backward", False)}
     fk = getattr(getattr(model, "_solve", None), "keywords", {}) or {}
     out.update({"f_tol": fk.get("tol"), "f_max_iter": fk.get("max_iter"), "stop_mode": fk.get("stop_mode"),
                 "compact": fk.get("compact")})
@@ -1091,7 +1096,8 @@ def to_markdown(result: Dict[str, Any]) -> str:
             eff = r.get("effective_settings")
             if eff:
                 settings = (settings + "; " if settings else "") + "runs with " + ", ".join(
-                    f"{k}={_fmt(eff.get(k))}" for k in ("f_tol", "b_tol", "compact", "staged", "backward") if k in eff)
+                    f"{k}={_fmt(eff.get(k))}" for k in ("f_tol", "b_tol", "compact", "staged", "staged_backward", "backward")
+                    if k in eff)
             lines.append(
                 f"| {name} | {settings} | {_fmt(t.get('step'))} | {_fmt(t.get('forward'))} | "
                 f"{_fmt(t.get('backward'))} | "
