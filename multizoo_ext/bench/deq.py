@@ -975,7 +975,7 @@ def environment(threads: int) -> Dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     files = {}
-    for rel in ("fusions/deq.py", "fusions/deq_solvers.py", "fusions/deq_backward.py"):
+    for rel in ("fusions/deq.py", "fusions/deq_solvers.py", "fusions/deq_backward.py", "fusions/deq_staged.py"):
         fp = FUSIONS_DIR / Path(rel).name
         if fp.is_file():
             files[rel] = hashlib.sha1(fp.read_bytes()).hexdigest()[:10]
