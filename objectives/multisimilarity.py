@@ -136,7 +136,7 @@ def _norm_range(norm: Tensor, embeddings: Tensor, name: str) -> Tuple[float, flo
     """Smallest and largest row norm (one reduction); raises if a norm is NaN/Inf (NaN/Inf
     in the embeddings, or values whose norm overflows)."""
     low, high = torch.aminmax(norm)  # both NaN if any is
-    low, high = low.item(), high.item()
+    low, high = torch.stack((low, high)).tolist()
     if not math.isfinite(high):
         check_finite(embeddings, f"{name} embeddings")
         raise ValueError(f"{name} embeddings have rows whose norm overflows {embeddings.dtype}; rescale them")
@@ -310,7 +310,8 @@ def _ms_terms(sim: Tensor, labels: Tensor, cfg: _Config, mining: bool,
         of the kept pairs (0 elsewhere), times ``-1 / count`` (positives) or ``1 / count``.
     """
     if cfg.combined:
-        pen, c, d = labels.split((2, 1, 1))  # (2, R, C), (1, R, C), (1, R, C)
+        # slices (views) rather than Tensor.split, whose Python wrapper costs more than this op
+        pen, c, d = labels[:2], labels[2:3], labels[3:]  # (2, R, C), (1, R, C), (1, R, C)
     else:
         pen = labels
     if not mining:
@@ -408,7 +409,7 @@ class _MeanMultiSimilarity(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):  # type: ignore[override]
         normed, denom, weights = ctx.saved_tensors
-        grad_sim = weights.sum(dim=0)  # (B, B), the 1/B included
+        grad_sim = torch.add(weights[0], weights[1])  # (B, B), the 1/B included
         # d(x x^T) -> (G + G^T) x.
         grad_normed = torch.mm(grad_sim + grad_sim.T, normed)  # (B, D)
         radial = torch.mul(normed, grad_normed).sum(dim=1, keepdim=True)  # (B, 1)
