@@ -161,3 +161,42 @@ def test_default_stages_the_forward_solve_only():
     out.sum().backward()
     assert fusion.staged and not fusion.staged_backward
     assert len(info["stages"]) == 2 and "stages" not in info["backward"]
+
+
+def test_converged_rows_staged_backward_matches_per_row_and_joint():
+    # 'converged': rows whose forward solve converged take the staged adjoint solve, the others
+    # the joint one; rows are independent, so each row's gradient equals that of the mode it
+    # took, and on a contraction (everything converges) all three modes agree.
+    torch.manual_seed(0)
+    dims = [5, 7, 3]
+    kw = dict(width=16, f_tol=1e-12, b_tol=1e-12, f_max_iter=150, b_max_iter=150, stop_mode="abs")
+    models = {mode: DEQFusion(dims, staged_backward=mode, **kw).double() for mode in (False, True, "converged")}
+    _contractive(models[False])
+    for m in models.values():
+        m.load_state_dict(models[False].state_dict())
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(6, d, generator=g, dtype=torch.float64) for d in dims]
+    grads, infos = {}, {}
+    for mode, m in models.items():
+        xr = [x.clone().requires_grad_() for x in xs]
+        out, infos[mode] = m(xr, return_info=True)
+        out.sin().sum().backward()
+        grads[mode] = torch.cat([x.grad for x in xr], 1)
+    assert bool(infos["converged"]["converged"].all())
+    torch.testing.assert_close(grads["converged"], grads[False], rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-7, atol=1e-10)
+    # force a split: pretend rows 1 and 4 did not converge in the forward solve
+    m = models["converged"]
+    xr = [x.clone().requires_grad_() for x in xs]
+    out, info = m(xr, return_info=True)
+    info["converged"][[1, 4]] = False
+    out.sin().sum().backward()
+    split = torch.cat([x.grad for x in xr], 1)
+    torch.testing.assert_close(split, grads[False], rtol=1e-7, atol=1e-10)
+    b = info["backward"]
+    assert b["staged_rows"] == 4 and b["steps"].shape == (6,) and bool(b["converged"].all())
+
+
+def test_bad_staged_backward_setting_raises():
+    with pytest.raises(ValueError, match="staged_backward must be True, False or 'converged', got 'yes'"):
+        DEQFusion([5, 7], staged_backward="yes")
