@@ -107,7 +107,7 @@ class DEQDefaults:
     #: converge, it trained markedly worse than the joint backward solve in our runs (digits,
     #: seed 2, 12 epochs: training loss 1.84 vs 1.34-1.40; see docs/RESULTS.md), whose
     #: unconverged adjoint acts as a damped gradient. Off by default.
-    staged_backward: Union[bool, str] = False
+    staged_backward: bool = False
 
 
 #: The single instance the constructor reads.
@@ -212,15 +212,6 @@ class _FusionMap:
         self.inj = x + torch.stack([b.lin2.bias for b in blocks])   # (B, M, d): x_i + b2_i
         self.inj_f = x_f + fb.fuse.bias                              # (B, d):    x_f + b_f
         self._rows = _Rows(self.inj, self.inj_f)
-
-    def rows(self, index: torch.Tensor) -> "_FusionMap":
-        """The same map for the batch rows ``index`` (B',) only: row ``r`` of its input is
-        sample ``index[r]``."""
-        sub = object.__new__(_FusionMap)
-        sub.__dict__.update(self.__dict__)
-        sub.inj, sub.inj_f = self.inj.index_select(0, index), self.inj_f.index_select(0, index)
-        sub._rows = _Rows(sub.inj, sub.inj_f)
-        return sub
 
     def modalities(self, z_m: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Stage 0, the M residual blocks: ``z_m (b, M d) -> z_m' (b, M d)``."""
@@ -350,8 +341,7 @@ class DEQFusion(nn.Module):
                  phantom_steps: int = DEFAULT_PHANTOM_STEPS, phantom_tau: float = DEFAULT_PHANTOM_TAU,
                  unroll_steps: Optional[int] = None, jac_reg: bool = False,
                  jac_vectors: int = DEFAULT_JAC_VECTORS, compact: bool = DEQ_DEFAULTS.compact,
-                 staged: bool = DEQ_DEFAULTS.staged,
-                 staged_backward: Union[bool, str] = DEQ_DEFAULTS.staged_backward,
+                 staged: bool = DEQ_DEFAULTS.staged, staged_backward: bool = DEQ_DEFAULTS.staged_backward,
                  trace: bool = False, solver_kwargs: Optional[Mapping[str, Any]] = None,
                  check_inputs: bool = True) -> None:
         super().__init__()
@@ -388,9 +378,7 @@ class DEQFusion(nn.Module):
         opts = dict(solver_kwargs or {})
         self.compact = bool(compact)
         self.staged = bool(staged)
-        if staged_backward not in (True, False, "converged"):
-            raise ValueError(f"DEQFusion: staged_backward must be True, False or 'converged', got {staged_backward!r}")
-        self.staged_backward: Union[bool, str] = staged_backward
+        self.staged_backward = bool(staged_backward)
         self.trace = bool(trace)
         self.f_tol, self.stop_mode = float(f_tol), stop_mode
         self._solve = functools.partial(

@@ -161,45 +161,6 @@ def _solve_adjoint_staged(f: Any, z_in: torch.Tensor, g: torch.Tensor, solve: So
     return torch.cat(ys, dim=1), merge_stage_infos(infos, tol, stop_mode)
 
 
-_ROW_FIELDS = ("steps", "abs_residual", "rel_residual", "f_norm", "converged", "nan", "diverged")
-
-
-def _solve_adjoint_by_rows(f: Any, z_in: torch.Tensor, g: torch.Tensor, converged: torch.Tensor,
-                           mode: "ImplicitBackward") -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """``y = y J_f(z) + g`` with the rows (samples) whose forward solve converged solved stage
-    by stage and the others jointly (rows are independent: ``f`` acts row by row). ``f`` must
-    be staged and offer ``f.rows(index)``, the same map on a subset of rows."""
-    B = g.shape[0]
-    y = torch.empty_like(g)
-    parts = []
-    z = z_in.detach()
-    for rows, staged in ((converged.nonzero().squeeze(1), True), ((~converged).nonzero().squeeze(1), False)):
-        if rows.numel() == 0:
-            continue
-        fr, zr, gr = f.rows(rows), z.index_select(0, rows), g.index_select(0, rows)
-        if staged:
-            yr, info = _solve_adjoint_staged(fr, zr, gr, mode.backward_solve, mode.compact, mode.tol,
-                                             mode.stop_mode)
-        else:
-            with torch.enable_grad():
-                zi = zr.clone().requires_grad_()
-                out = fr(zi)
-            yr, info = _solve_adjoint(fr, zr, out, zi, gr, mode.backward_solve, mode.compact)
-        y.index_copy_(0, rows, yr)
-        parts.append((rows, info))
-    merged: Dict[str, Any] = {}
-    for key in _ROW_FIELDS:
-        first = parts[0][1][key]
-        full = first.new_zeros((B,))
-        for rows, info in parts:
-            full.index_copy_(0, rows, info[key])
-        merged[key] = full
-    merged.update(iterations=sum(int(i["iterations"]) for _, i in parts),
-                  max_iter=max(int(i["max_iter"]) for _, i in parts), stop_mode=mode.stop_mode, tol=mode.tol,
-                  staged_rows=int(converged.sum()))
-    return y, merged
-
-
 class _ImplicitFn(torch.autograd.Function):
     """Identity on ``fz`` whose backward solves ``y = y J + g`` (one node per forward)."""
 
@@ -216,12 +177,7 @@ class _ImplicitFn(torch.autograd.Function):
         fz, z_in = ctx.saved_tensors
         g = g.detach()
         mode = ctx.mode
-        conv = ctx.info.get("converged")
-        by_rows = (mode.staged == "converged" and is_staged(ctx.f) and hasattr(ctx.f, "rows")
-                   and isinstance(conv, torch.Tensor) and not bool(conv.all()))
-        if by_rows and bool(conv.any()):
-            y, binfo = _solve_adjoint_by_rows(ctx.f, z_in, g, conv, mode)
-        elif mode.staged and is_staged(ctx.f) and not by_rows:
+        if mode.staged and is_staged(ctx.f):
             y, binfo = _solve_adjoint_staged(ctx.f, z_in, g, mode.backward_solve, mode.compact, mode.tol,
                                              mode.stop_mode)
         else:
@@ -244,22 +200,17 @@ class ImplicitBackward:
         compact: let the backward solver drop converged samples; ``f`` must then accept
             ``f(z_sub, index)`` (as a DEQ layer's map does). Default: False.
         staged: when ``f`` is staged (block-triangular, :mod:`multizoo_ext.fusions.deq_staged`),
-            solve the adjoint system stage by stage, last stage first (True), only for the
-            samples whose forward solve converged and jointly for the others (``'converged'``;
-            needs ``f.rows``), or jointly (False). Default: False.
+            solve the adjoint system stage by stage, last stage first. Default: False.
     """
 
     solves_forward = True
 
     def __init__(self, solver: str, max_iter: int, tol: float, stop_mode: str,
                  solver_options: Optional[Mapping[str, Any]] = None, compact: bool = False,
-                 staged: Union[bool, str] = False) -> None:
+                 staged: bool = False) -> None:
         opts = {k: v for k, v in dict(solver_options or {}).items() if k not in ("compact", "trace")}
         self.compact: Union[bool, float] = BACKWARD_COMPACT_FRACTION if compact else False
-        if staged not in (True, False, "converged"):
-            raise ValueError(f"staged backward must be True, False or 'converged', got {staged!r}")
-        self.tol, self.stop_mode = float(tol), stop_mode
-        self.staged: Union[bool, str] = staged
+        self.tol, self.stop_mode, self.staged = float(tol), stop_mode, bool(staged)
         self.backward_solve: Solve = functools.partial(
             get_solver(solver), max_iter=int(max_iter), tol=float(tol), stop_mode=stop_mode, **opts)
 
@@ -367,7 +318,7 @@ def build_backward(mode: str, *, b_solver: str, b_max_iter: int, b_tol: float, s
                    solver_options: Optional[Mapping[str, Any]] = None,
                    phantom_steps: int = DEFAULT_PHANTOM_STEPS, phantom_tau: float = DEFAULT_PHANTOM_TAU,
                    unroll_steps: int = 1, f_tol: float = 0.0, compact: bool = False,
-                   staged: Union[bool, str] = False) -> Any:
+                   staged: bool = False) -> Any:
     """Resolve a gradient mode by name into an object with ``run(...)``.
 
     Args:

@@ -112,10 +112,6 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "tol_matched_staged_bwd": {"f_tol": "ref_median", "staged_backward": True},
     "tol_matched_btol_matched_staged_bwd": {"f_tol": "ref_median", "b_tol": "ref_median",
                                             "staged_backward": True},
-    # staged adjoint only for the samples whose forward solve converged, joint for the others
-    "tol_matched_convrows": {"f_tol": "ref_median", "staged_backward": "converged"},
-    "tol_matched_btol_matched_convrows": {"f_tol": "ref_median", "b_tol": "ref_median",
-                                          "staged_backward": "converged"},
     # one solve of the joint state (the reference's way) instead of the staged solve
     "joint": {"staged": False},
     "tol_matched_joint": {"f_tol": "ref_median", "staged": False},
