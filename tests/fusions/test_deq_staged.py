@@ -1,13 +1,12 @@
 """Stage-by-stage solves of block-triangular fixed points (fusions/deq_staged.py) and their
-adjoint (the staged implicit backward): against closed forms on a linear map, and against the
-joint solve on DEQFusion."""
+adjoint (the staged implicit backward), against closed forms on a linear map. DEQFusion's
+staged solves against its joint ones: tests/fusions/test_deq.py."""
 import functools
 import math
 
 import pytest
 import torch
 
-from multizoo_ext.fusions.deq import DEQFusion
 from multizoo_ext.fusions.deq_backward import ImplicitBackward
 from multizoo_ext.fusions.deq_solvers import anderson, residuals
 from multizoo_ext.fusions.deq_staged import is_staged, merge_stage_infos, solve_staged
@@ -110,54 +109,3 @@ def test_staged_solve_rejects_a_state_of_the_wrong_width():
     f = _TriangularLinear(A, c, (3, 4, 2))
     with pytest.raises(ValueError, match=r"stage widths \[3, 4, 2\] \(total 9\) but the state is \(5, 8\)"):
         solve_staged(f, torch.zeros(5, 8, dtype=A.dtype), anderson, tol=1e-6)
-
-
-def _contractive(m: DEQFusion) -> DEQFusion:
-    with torch.no_grad():
-        for blk in m.blocks:
-            blk.gn3.weight.fill_(0.1)
-            blk.lin1.weight.mul_(0.1)
-        m.fusion_block.gn.weight.fill_(0.1)
-    return m
-
-
-@pytest.mark.parametrize("dims", [[5, 7], [3, 5, 8, 13, 16, 2]])
-def test_deq_fusion_staged_and_joint_agree_in_value_and_gradient(dims):
-    # staged forward and staged backward against the joint forward and joint backward
-    torch.manual_seed(0)
-    kw = dict(width=16, f_tol=1e-12, b_tol=1e-12, f_max_iter=150, b_max_iter=150, stop_mode="abs", jac_reg=True)
-    staged = _contractive(DEQFusion(dims, staged=True, staged_backward=True, **kw).double())
-    joint = DEQFusion(dims, staged=False, **kw).double()
-    joint.load_state_dict(staged.state_dict())
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(6, d, generator=g, dtype=torch.float64) for d in dims]
-    results = []
-    for m in (staged, joint):
-        xr = [x.clone().requires_grad_() for x in xs]
-        torch.manual_seed(2)                                          # same Hutchinson vectors
-        out, info = m(xr, return_info=True)
-        (out.sin().sum() + m.jac_loss).backward()
-        results.append((out.detach(), [p.grad.clone() for p in m.parameters()], [x.grad for x in xr], info))
-    (o_s, g_s, gx_s, i_s), (o_j, g_j, gx_j, i_j) = results
-    assert bool(i_s["converged"].all()) and bool(i_j["converged"].all())
-    assert len(i_s["stages"]) == 2 and "stages" not in i_j and "stages" in i_s["backward"]
-    torch.testing.assert_close(o_s, o_j, rtol=0, atol=1e-10)
-    for a, b in zip(g_s + gx_s, g_j + gx_j):
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
-    # the joint residual the staged solve reports is the joint map's residual at z*
-    f = staged.deq_function(xs)
-    assert f.stage_sizes == (16 * len(dims), 16)
-    with torch.no_grad():
-        z, info = staged._solve_fixed_point(f, torch.zeros(6, staged.state_dim, dtype=torch.float64))
-        abs_res, rel_res = residuals(z, f(z))
-    torch.testing.assert_close(info["abs_residual"], abs_res, rtol=1e-6, atol=1e-14)
-    torch.testing.assert_close(info["rel_residual"], rel_res, rtol=1e-6, atol=1e-14)
-    assert float(abs_res.max()) <= 1e-12
-
-
-def test_default_stages_the_forward_solve_only():
-    fusion = DEQFusion([5, 7], width=8)
-    out, info = fusion([torch.randn(3, 5), torch.randn(3, 7)], return_info=True)
-    out.sum().backward()
-    assert fusion.staged and not fusion.staged_backward
-    assert len(info["stages"]) == 2 and "stages" not in info["backward"]
