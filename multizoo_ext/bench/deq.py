@@ -37,7 +37,8 @@ Three parts, all on the CPU with a fixed ``torch.set_num_threads``:
   band over the batch) for our Anderson and plain fixed-point solvers (their ``trace_rel``),
   our weight-tied unrolling (``backward='unrolled'``, its ``trace_rel``) and the reference's
   Anderson (residual of every iterate it evaluates, computed by wrapping its ``f``), all on
-  the same function at random initialisation with tolerance 0. At random initialisation the
+  the same function at random initialisation with tolerance 0 (all on the joint state; the
+  staged solve's per-stage counts are in the speed part). At random initialisation the
   unrolled forward pass *is* plain fixed-point iteration (same iterates; only the gradient
   differs), so those two curves coincide. The PNG is written only when asked.
 
