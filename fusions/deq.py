@@ -309,8 +309,8 @@ class DEQFusion(nn.Module):
             (last stage first): faster, the same gradient when the solves converge, but it
             trained worse from random initialisation in our runs (see :class:`DEQDefaults`).
             Default: False.
-        trace: keep the per-iteration residuals in the info (``trace_abs``/``trace_rel``).
-            Default: False.
+        trace: keep the per-iteration residuals in the info (``trace_abs``/``trace_rel``; per
+            stage, in ``info['stages']``, when ``staged``). Default: False.
         solver_kwargs: extra solver options for both solves (e.g. ``{'m': 5, 'lam': 1e-4,
             'beta': 1.0, 'check_every': 4}``); solver defaults otherwise.
         check_inputs: raise on NaN/Inf inputs (one host sync per forward). Default: True.
@@ -322,7 +322,8 @@ class DEQFusion(nn.Module):
     State after each forward (never in the return value):
         ``last_info``: dict of detached solver statistics, per sample where it says (B,):
         ``steps``, ``abs_residual``, ``rel_residual``, ``converged``, ``nan``, ``diverged``,
-        ``iterations``, ``jac_loss`` (float or None); after the backward pass of the implicit
+        ``iterations``, ``jac_loss`` (float or None), and when ``staged`` ``stages`` (each
+        stage's own solver info; ``steps`` is then their sum); after the backward pass of the implicit
         mode also ``backward`` (the backward solve's statistics).
         ``jac_loss``: scalar tensor with a graph when ``jac_reg`` and training, else None.
 
