@@ -108,6 +108,9 @@ class DEQDefaults:
     #: seed 2, 12 epochs: training loss 1.84 vs 1.34-1.40; see docs/RESULTS.md), whose
     #: unconverged adjoint acts as a damped gradient. Off by default.
     staged_backward: bool = False
+    #: Samples whose forward relative residual stays above this get the Jacobian-free gradient
+    #: instead of the implicit one (which assumes a fixed point). None: implicit everywhere.
+    implicit_max_residual: Optional[float] = None
 
 
 #: The single instance the constructor reads.
@@ -305,6 +308,10 @@ class DEQFusion(nn.Module):
             (:mod:`multizoo_ext.fusions.deq_staged`). Caps then apply per stage and
             ``steps`` counts stage evaluations. False: one solve of the joint state (the
             reference's way). Default: True.
+        implicit_max_residual: implicit mode: samples whose forward residual (of
+            ``stop_mode``) is above this get the Jacobian-free gradient (one application of
+            ``f`` at the returned iterate) instead of the implicit one, which is only
+            meaningful at a fixed point. None: implicit for every sample. Default: None.
         staged_backward: solve the implicit mode's adjoint system stage by stage as well
             (last stage first): faster, the same gradient when the solves converge, but it
             trained worse from random initialisation in our runs (see :class:`DEQDefaults`).
@@ -343,6 +350,7 @@ class DEQFusion(nn.Module):
                  unroll_steps: Optional[int] = None, jac_reg: bool = False,
                  jac_vectors: int = DEFAULT_JAC_VECTORS, compact: bool = DEQ_DEFAULTS.compact,
                  staged: bool = DEQ_DEFAULTS.staged, staged_backward: bool = DEQ_DEFAULTS.staged_backward,
+                 implicit_max_residual: Optional[float] = DEQ_DEFAULTS.implicit_max_residual,
                  trace: bool = False, solver_kwargs: Optional[Mapping[str, Any]] = None,
                  check_inputs: bool = True) -> None:
         super().__init__()
@@ -390,7 +398,8 @@ class DEQFusion(nn.Module):
             self.backward_mode, b_solver=(b_solver or self.solver_name), b_max_iter=int(b_max_iter),
             b_tol=float(b_tol), stop_mode=stop_mode, solver_options=opts, phantom_steps=phantom_steps,
             phantom_tau=phantom_tau, unroll_steps=int(f_max_iter if unroll_steps is None else unroll_steps),
-            f_tol=float(f_tol), compact=self.compact, staged=self.staged_backward)
+            f_tol=float(f_tol), compact=self.compact, staged=self.staged_backward,
+            implicit_max_residual=implicit_max_residual)
         self.jac_reg = bool(jac_reg)
         self.jac_vectors = int(jac_vectors)
         self.check_inputs = bool(check_inputs)

@@ -183,6 +183,14 @@ class _ImplicitFn(torch.autograd.Function):
         else:
             # the full batch uses the forward's recomputation of f at z*
             y, binfo = _solve_adjoint(ctx.f, z_in.detach(), fz, z_in, g, mode.backward_solve, mode.compact)
+        limit = mode.implicit_max_residual
+        res = ctx.info.get("rel_residual" if mode.stop_mode == "rel" else "abs_residual")
+        if limit is not None and isinstance(res, torch.Tensor):
+            # Where the forward solve ended far from a fixed point the implicit gradient has no
+            # meaning: those samples take the Jacobian-free gradient y = g instead.
+            trusted = res <= limit                                    # (B,), False for NaN
+            y = torch.where(trusted[:, None], y, g)
+            binfo["implicit"] = trusted
         ctx.info["backward"] = binfo
         return y, None, None, None, None
 
@@ -201,16 +209,23 @@ class ImplicitBackward:
             ``f(z_sub, index)`` (as a DEQ layer's map does). Default: False.
         staged: when ``f`` is staged (block-triangular, :mod:`multizoo_ext.fusions.deq_staged`),
             solve the adjoint system stage by stage, last stage first. Default: False.
+        implicit_max_residual: samples whose forward residual (``stop_mode``'s) is above this
+            get the Jacobian-free gradient ``y = g`` (the gradient of one application of ``f``
+            at the returned iterate) instead of the implicit one, which assumes a fixed point.
+            None: every sample gets the implicit gradient. Default: None.
     """
 
     solves_forward = True
 
     def __init__(self, solver: str, max_iter: int, tol: float, stop_mode: str,
                  solver_options: Optional[Mapping[str, Any]] = None, compact: bool = False,
-                 staged: bool = False) -> None:
+                 staged: bool = False, implicit_max_residual: Optional[float] = None) -> None:
         opts = {k: v for k, v in dict(solver_options or {}).items() if k not in ("compact", "trace")}
         self.compact: Union[bool, float] = BACKWARD_COMPACT_FRACTION if compact else False
         self.tol, self.stop_mode, self.staged = float(tol), stop_mode, bool(staged)
+        if implicit_max_residual is not None and not float(implicit_max_residual) > 0:
+            raise ValueError(f"implicit_max_residual must be positive or None, got {implicit_max_residual!r}")
+        self.implicit_max_residual = None if implicit_max_residual is None else float(implicit_max_residual)
         self.backward_solve: Solve = functools.partial(
             get_solver(solver), max_iter=int(max_iter), tol=float(tol), stop_mode=stop_mode, **opts)
 
@@ -318,13 +333,13 @@ def build_backward(mode: str, *, b_solver: str, b_max_iter: int, b_tol: float, s
                    solver_options: Optional[Mapping[str, Any]] = None,
                    phantom_steps: int = DEFAULT_PHANTOM_STEPS, phantom_tau: float = DEFAULT_PHANTOM_TAU,
                    unroll_steps: int = 1, f_tol: float = 0.0, compact: bool = False,
-                   staged: bool = False) -> Any:
+                   staged: bool = False, implicit_max_residual: Optional[float] = None) -> Any:
     """Resolve a gradient mode by name into an object with ``run(...)``.
 
     Args:
         mode: ``'implicit'``, ``'phantom'`` or ``'unrolled'``.
-        b_solver, b_max_iter, b_tol, stop_mode, solver_options, compact, staged: implicit
-            mode's backward solve (see :class:`ImplicitBackward`).
+        b_solver, b_max_iter, b_tol, stop_mode, solver_options, compact, staged,
+            implicit_max_residual: implicit mode's backward solve (see :class:`ImplicitBackward`).
         phantom_steps, phantom_tau: phantom mode.
         unroll_steps, f_tol: unrolled mode (``f_tol`` only fills ``info['converged']``).
 
@@ -333,7 +348,8 @@ def build_backward(mode: str, *, b_solver: str, b_max_iter: int, b_tol: float, s
     """
     key = str(mode).lower()
     if key == "implicit":
-        return ImplicitBackward(b_solver, b_max_iter, b_tol, stop_mode, solver_options, compact, staged)
+        return ImplicitBackward(b_solver, b_max_iter, b_tol, stop_mode, solver_options, compact, staged,
+                                implicit_max_residual)
     if key == "phantom":
         return PhantomBackward(phantom_steps, phantom_tau)
     if key == "unrolled":
