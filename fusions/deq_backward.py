@@ -177,20 +177,27 @@ class _ImplicitFn(torch.autograd.Function):
         fz, z_in = ctx.saved_tensors
         g = g.detach()
         mode = ctx.mode
-        if mode.staged and is_staged(ctx.f):
-            y, binfo = _solve_adjoint_staged(ctx.f, z_in, g, mode.backward_solve, mode.compact, mode.tol,
-                                             mode.stop_mode)
-        else:
-            # the full batch uses the forward's recomputation of f at z*
-            y, binfo = _solve_adjoint(ctx.f, z_in.detach(), fz, z_in, g, mode.backward_solve, mode.compact)
+        trusted = None
         limit = mode.implicit_max_residual
         res = ctx.info.get("rel_residual" if mode.stop_mode == "rel" else "abs_residual")
         if limit is not None and isinstance(res, torch.Tensor):
             # Where the forward solve ended far from a fixed point the implicit gradient has no
-            # meaning: those samples take the Jacobian-free gradient y = g instead.
-            trusted = res <= limit                                    # (B,), False for NaN
-            y = torch.where(trusted[:, None], y, g)
-            binfo["implicit"] = trusted
+            # meaning: those samples take the Jacobian-free gradient y = g instead. Their rows
+            # are solved with a zero right-hand side, which converges at the first iterate (and
+            # leaves the working batch), so they cost nothing.
+            trusted = (res <= limit)[:, None]                         # (B, 1), False for NaN
+            rhs = torch.where(trusted, g, torch.zeros_like(g))
+        else:
+            rhs = g
+        if mode.staged and is_staged(ctx.f):
+            y, binfo = _solve_adjoint_staged(ctx.f, z_in, rhs, mode.backward_solve, mode.compact, mode.tol,
+                                             mode.stop_mode)
+        else:
+            # the full batch uses the forward's recomputation of f at z*
+            y, binfo = _solve_adjoint(ctx.f, z_in.detach(), fz, z_in, rhs, mode.backward_solve, mode.compact)
+        if trusted is not None:
+            y = torch.where(trusted, y, g)
+            binfo["implicit"] = trusted.squeeze(1)
         ctx.info["backward"] = binfo
         return y, None, None, None, None
 

@@ -113,10 +113,14 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "tol_matched_staged_bwd": {"f_tol": "ref_median", "staged_backward": True},
     "tol_matched_btol_matched_staged_bwd": {"f_tol": "ref_median", "b_tol": "ref_median",
                                             "staged_backward": True},
+    # the adjoint system solved jointly (staged forward)
+    "tol_matched_btol_matched_joint_bwd": {"f_tol": "ref_median", "b_tol": "ref_median",
+                                           "staged_backward": False},
     # one solve of the joint state (the reference's way) instead of the staged solve
-    "joint": {"staged": False},
-    "tol_matched_joint": {"f_tol": "ref_median", "staged": False},
-    "tol_matched_btol_matched_joint": {"f_tol": "ref_median", "b_tol": "ref_median", "staged": False},
+    "joint": {"staged": False, "staged_backward": False},
+    "tol_matched_joint": {"f_tol": "ref_median", "staged": False, "staged_backward": False},
+    "tol_matched_btol_matched_joint": {"f_tol": "ref_median", "b_tol": "ref_median", "staged": False,
+                                       "staged_backward": False},
     "tol_matched_phantom1_joint": {"f_tol": "ref_median", "backward": "phantom", "phantom_steps": 1,
                                    "staged": False},
 }

@@ -283,7 +283,7 @@ def test_deq_fusion_staged_and_joint_agree_in_value_and_gradient(dims):
     torch.manual_seed(0)
     kw = dict(width=16, f_tol=1e-12, b_tol=1e-12, f_max_iter=150, b_max_iter=150, stop_mode="abs", jac_reg=True)
     staged = _contractive(DEQFusion(dims, staged=True, staged_backward=True, **kw).double())
-    joint = DEQFusion(dims, staged=False, **kw).double()
+    joint = DEQFusion(dims, staged=False, staged_backward=False, **kw).double()
     joint.load_state_dict(staged.state_dict())
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(6, d, generator=g, dtype=torch.float64) for d in dims]
@@ -297,6 +297,7 @@ def test_deq_fusion_staged_and_joint_agree_in_value_and_gradient(dims):
     (o_s, g_s, gx_s, i_s), (o_j, g_j, gx_j, i_j) = results
     assert bool(i_s["converged"].all()) and bool(i_j["converged"].all())
     assert len(i_s["stages"]) == 2 and "stages" not in i_j and "stages" in i_s["backward"]
+    assert "stages" not in i_j["backward"]
     torch.testing.assert_close(o_s, o_j, rtol=0, atol=1e-10)
     for a, b in zip(g_s + gx_s, g_j + gx_j):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
@@ -311,12 +312,44 @@ def test_deq_fusion_staged_and_joint_agree_in_value_and_gradient(dims):
     assert float(abs_res.max()) <= 1e-12
 
 
-def test_default_stages_the_forward_solve_only():
+def test_default_stages_both_solves_with_the_jacobian_free_fallback():
     fusion = DEQFusion([5, 7], width=8)
     out, info = fusion([torch.randn(3, 5), torch.randn(3, 7)], return_info=True)
     out.sum().backward()
-    assert fusion.staged and not fusion.staged_backward
-    assert len(info["stages"]) == 2 and "stages" not in info["backward"]
+    assert fusion.staged and fusion.staged_backward and fusion._grad.implicit_max_residual == 1e-2
+    assert len(info["stages"]) == 2 and len(info["backward"]["stages"]) == 2
+    assert torch.equal(info["backward"]["implicit"], info["rel_residual"] <= 1e-2)
+
+
+@pytest.mark.parametrize("staged_backward", [False, True])
+def test_implicit_max_residual_falls_back_to_the_jacobian_free_gradient(staged_backward):
+    # Samples whose forward residual is above the limit get y = g: the gradient of one
+    # application of f at the returned iterate, i.e. the phantom gradient with one step.
+    torch.manual_seed(0)
+    dims = [5, 7]
+    kw = dict(width=16, f_tol=1e-10, f_max_iter=100, b_tol=1e-10, b_max_iter=100)
+    xs = _inputs(dims, B=5, dtype=torch.float64)
+
+    def grads(**extra):
+        m = DEQFusion(dims, **kw, **extra).double()
+        m.load_state_dict(base.state_dict())
+        xr = [x.clone().requires_grad_() for x in xs]
+        out, info = m(xr, return_info=True)
+        out.sin().sum().backward()
+        return torch.cat([x.grad for x in xr], 1), _grads(m), info
+
+    base = _contractive(DEQFusion(dims, **kw).double())
+    implicit = grads(staged_backward=staged_backward)
+    everywhere = grads(staged_backward=staged_backward, implicit_max_residual=1e30)
+    jfb = grads(backward="phantom", phantom_steps=1)
+    nowhere = grads(staged_backward=staged_backward, implicit_max_residual=1e-300)
+    torch.testing.assert_close(everywhere[0], implicit[0], rtol=0, atol=0)
+    torch.testing.assert_close(nowhere[0], jfb[0], rtol=1e-10, atol=1e-12)
+    assert _rel_err(nowhere[1], jfb[1]) < 1e-10 and _rel_err(nowhere[1], implicit[1]) > 1e-6   # (a contraction: close)
+    assert bool(everywhere[2]["backward"]["implicit"].all())
+    assert not bool(nowhere[2]["backward"]["implicit"].any())
+    with pytest.raises(ValueError, match="implicit_max_residual must be positive or None, got -1"):
+        DEQFusion(dims, implicit_max_residual=-1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
