@@ -142,7 +142,7 @@ def _solve_adjoint_staged(f: Any, z_in: torch.Tensor, g: torch.Tensor, solve: So
     zs = [t.contiguous() for t in z_in.detach().split(sizes, dim=1)]
     rhs = [t.contiguous() for t in g.split(sizes, dim=1)]
     with torch.enable_grad():
-        inputs = [z.requires_grad_() for z in (t.detach() for t in zs)]
+        inputs = [z.detach().requires_grad_() for z in zs]
         maps: List[Callable[..., torch.Tensor]] = []
         outs: List[torch.Tensor] = []
         for k in range(K):

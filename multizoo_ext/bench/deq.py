@@ -457,28 +457,35 @@ class RefProbe(_Probe):
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        orig_f, orig_b = model.f_solver, model.b_solver
 
-        def fsolve(func: Callable[..., torch.Tensor], x0: torch.Tensor, **kw: Any) -> Dict[str, Any]:
-            t = time.perf_counter()
-            res = orig_f(self._counting(func, self.fwd), x0, **kw)
-            self._timed(self.fwd, t)
-            self.fwd["nstep"] = res.get("nstep")
-            if self.measure:
-                a, r = per_sample_residuals(func, res["result"])
-                self.fwd.update(abs=a, rel=r)
-            return res
+        def vjp_residuals(func: Callable[..., torch.Tensor], y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            a, n = _vjp_residuals(func, y)
+            return a, a / (n + _REL_EPS)
 
-        def bsolve(func: Callable[..., torch.Tensor], x0: torch.Tensor, **kw: Any) -> Dict[str, Any]:
+        model.f_solver = self._wrap(model.f_solver, self.fwd_rec, per_sample_residuals)
+        model.b_solver = self._wrap(model.b_solver, self.bwd_rec, vjp_residuals)
+
+    def fwd_rec(self) -> Dict[str, Any]:
+        return self.fwd
+
+    def bwd_rec(self) -> Dict[str, Any]:
+        return self.bwd
+
+    def _wrap(self, orig: Callable[..., Dict[str, Any]], rec: Callable[[], Dict[str, Any]],
+              residuals_of: Callable[..., Tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., Dict[str, Any]]:
+        """The reference solver ``orig`` counting, timing and (when measuring) keeping the
+        per-sample residuals of its result in ``rec()`` (the dict is replaced by ``reset``)."""
+        def solve(func: Callable[..., torch.Tensor], x0: torch.Tensor, **kw: Any) -> Dict[str, Any]:
+            record = rec()
             t = time.perf_counter()
-            res = orig_b(self._counting(func, self.bwd), x0, **kw)
-            self._timed(self.bwd, t)
-            self.bwd["nstep"] = res.get("nstep")
+            res = orig(self._counting(func, record), x0, **kw)
+            self._timed(record, t)
+            record["nstep"] = res.get("nstep")
             if self.measure:
-                a, n = _vjp_residuals(func, res["result"])
-                self.bwd.update(abs=a, rel=a / (n + _REL_EPS))
+                a, r = residuals_of(func, res["result"])
+                record.update(abs=a, rel=r)
             return res
-        model.f_solver, model.b_solver = fsolve, bsolve
+        return solve
 
 
 # ============================================================================ training step
