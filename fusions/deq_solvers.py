@@ -182,6 +182,7 @@ class _Tracker:
         self.nan = torch.zeros(B, device=dev, dtype=torch.bool)
         self.diverged = torch.zeros(B, device=dev, dtype=torch.bool)
         self.active = torch.ones(B, device=dev, dtype=torch.bool)
+        self.sync_free = dev.type == "cpu"                           # reading a flag costs nothing
         self.limit: Optional[torch.Tensor] = None                    # (b,)
         self.index: Optional[torch.Tensor] = None                    # (b,) rows being worked on
         self.full: Optional[Dict[str, torch.Tensor]] = None          # full-batch buffers
@@ -193,9 +194,14 @@ class _Tracker:
         self.last_abs = torch.full((B,), math.inf, device=dev, dtype=dt)  # full batch, trace only
         self.last_rel = torch.full((B,), math.inf, device=dev, dtype=dt)
 
-    def update(self, x: torch.Tensor, fx: torch.Tensor,
-               abs_res: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Record the iterate ``x`` (b, n) with ``fx = f(x)``; return ``done`` (b,) bool."""
+    def update(self, x: torch.Tensor, fx: torch.Tensor, abs_res: Optional[torch.Tensor] = None,
+               owned: bool = False) -> torch.Tensor:
+        """Record the iterate ``x`` (b, n) with ``fx = f(x)``; return ``done`` (b,) bool.
+
+        ``owned``: the caller never reads ``x`` again, so where a host sync is free (the CPU)
+        the best iterates are assembled in ``x`` itself, the rows that did not improve copied
+        back in, instead of a full ``where`` pass over the state.
+        """
         self.iterations += 1
         if abs_res is None:
             abs_res = torch.linalg.vector_norm(fx - x, dim=1)
@@ -209,7 +215,13 @@ class _Tracker:
         ok = active & finite
         best = self.best_abs if self.stop_mode == "abs" else self.best_rel
         better = ok & (res < best)
-        self.best_z = torch.where(better[:, None], x, self.best_z)
+        if owned and self.sync_free and not x.requires_grad:
+            stale = better.logical_not().nonzero().squeeze(1)         # (s,), a free host sync
+            if stale.numel():
+                x.index_copy_(0, stale, self.best_z.index_select(0, stale))
+            self.best_z = x
+        else:
+            self.best_z = torch.where(better[:, None], x, self.best_z)
         self.best_abs = torch.where(better, abs_res, self.best_abs)
         self.best_rel = torch.where(better, rel_res, self.best_rel)
         self.best_fnorm = torch.where(better, f_norm, self.best_fnorm)
@@ -217,9 +229,10 @@ class _Tracker:
         fine = abs_res <= self.limit                                  # False for NaN and blow-ups
         new_conv = ok & (res <= self.tol)
         self.converged = self.converged | new_conv
-        self.nan = self.nan | (active & ~finite)
-        self.diverged = self.diverged | (ok & ~fine & ~new_conv)
-        self.active = ok & fine & ~new_conv
+        self.nan = self.nan | (active > finite)                       # active and not finite
+        stay = ok & fine
+        self.diverged = self.diverged | ((ok > fine) > new_conv)      # ok, not fine, not converged
+        self.active = stay > new_conv                                 # ok, fine, not converged
         if self.trace:
             last_abs = torch.where(active, abs_res, self._rows(self.last_abs))
             last_rel = torch.where(active, rel_res, self._rows(self.last_rel))
@@ -227,7 +240,7 @@ class _Tracker:
             self.last_rel = self._scatter(self.last_rel, last_rel)
             self.trace_abs.append(self.last_abs)
             self.trace_rel.append(self.last_rel)
-        return ~self.active
+        return self.active.logical_not()
 
     def rows_index(self, device: torch.device) -> torch.Tensor:
         """``(b,)`` int64 batch positions of the working rows."""
@@ -445,23 +458,23 @@ def anderson(f: Callable[..., torch.Tensor], z0: torch.Tensor, max_iter: int = 5
         s = (it - 1) % m                                              # slot of this pair
         Fm[:, s] = fx
         gx = torch.sub(fx, x, out=Gm[:, s])                           # (b, n), stored in place
-        done = tracker.update(x, fx, torch.linalg.vector_norm(gx, dim=1))
+        # x is the solver's own from the second iteration on (z0 may be the caller's)
+        done = tracker.update(x, fx, torch.linalg.vector_norm(gx, dim=1), owned=it > 1)
         if it == max_iter:
             break
         k = min(it, m)                                                # pairs in memory
         b = x.shape[0]
-        # (b, k) <g_i, g_s>; a bmm here would run b tiny matrix-vector products, several
-        # times slower on the CPU
-        row = torch.linalg.vecdot(Gm[:, :k], gx.unsqueeze(1))
+        # (b, k) <g_i, g_s> as (b, 1, n) x (b, n, k): one pass over the memory; vecdot
+        # (multiply, then sum) takes two, and (b, k, n) x (b, n, 1) takes a slow bmm path
+        row = torch.bmm(gx.unsqueeze(1), Gm[:, :k].transpose(1, 2)).squeeze(1)
         GG[:, s, :k] = row
         GG[:, :k, s] = row
         H = GG[:, :k, :k]                                             # (b, k, k)
-        reg = lam * torch.diagonal(H, dim1=1, dim2=2).mean(dim=1) + _tiny(dt)  # (b,)
-        H = H + reg[:, None, None] * eye[:k, :k]
+        reg = torch.diagonal(H, dim1=1, dim2=2).sum(dim=1).mul_(lam / k).add_(_tiny(dt))  # (b,)
+        H = torch.addcmul(H, reg[:, None, None], eye[:k, :k])        # + reg I
         w, _ = torch.linalg.solve_ex(H, ones[:b, :k])                 # (b, k, 1), no error check/sync
-        total = w.sum(dim=1)                                          # (b, 1)
-        alpha = (w / total[:, :, None]).squeeze(2)                    # (b, k), sums to 1
-        ok = torch.isfinite(total) & (total != 0)                     # else take a plain step
+        alpha = torch.div(w, w.sum(dim=1, keepdim=True)).squeeze(2)   # (b, k), sums to 1
+        ok = torch.isfinite(alpha).all(dim=1, keepdim=True)           # else take a plain step
         alpha = torch.where(ok, alpha, eye[s, :k]).unsqueeze(1)       # (b, 1, k)
         x_new = torch.bmm(alpha, Fm[:, :k]).squeeze(1)                # (b, n)
         if beta != 1.0:

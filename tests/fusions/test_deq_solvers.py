@@ -193,3 +193,48 @@ def test_bad_arguments_raise_clear_errors():
         fixed_point_iter(torch.cos, torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="unknown DEQ solver 'newton'; known solvers: anderson, broyden"):
         get_solver("newton")
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_anderson_best_iterate_in_place_matches_where(monkeypatch, compact):
+    """On the CPU Anderson assembles the best iterates in its own dead iterate (rows that did
+    not improve copied back in); the result must be bitwise that of the ``where`` path, also
+    with a NaN sample and non-monotone residuals, and the caller's z0 must stay untouched."""
+    from multizoo_ext.fusions import deq_solvers
+
+    f, f_idx, _, _ = _problem(B=5, n=10, contraction=1.3)              # not a contraction: residuals jump
+    state = {"calls": 0}
+
+    def poisoned(z, index=None):
+        state["calls"] += 1
+        out = f(z) if index is None else f_idx(z, index)
+        if state["calls"] >= 4 and (index is None or bool((index == 2).any())):
+            out = out.clone()
+            out[2 if index is None else int((index == 2).nonzero())] = float("nan")
+        return out
+
+    def run(sync_free):
+        orig = deq_solvers._Tracker.__init__
+
+        def init(self, *args, **kwargs):
+            orig(self, *args, **kwargs)
+            self.sync_free = sync_free
+
+        monkeypatch.setattr(deq_solvers._Tracker, "__init__", init)
+        state["calls"] = 0
+        z0 = torch.full((5, 10), 0.3, dtype=torch.float64)
+        z, info = anderson(poisoned, z0, max_iter=25, tol=1e-12, compact=compact)
+        assert bool((z0 == 0.3).all())                                # z0 never written
+        monkeypatch.setattr(deq_solvers._Tracker, "__init__", orig)
+        return z, info
+
+    z_a, info_a = run(True)
+    z_b, info_b = run(False)
+    assert bool(info_a["nan"][2]) and bool(torch.isfinite(z_a).all())
+    assert torch.equal(z_a, z_b)
+    for key in ("steps", "abs_residual", "rel_residual", "converged", "nan", "diverged"):
+        assert torch.equal(info_a[key], info_b[key]), key
+    # the returned iterate is the best one seen: its residual is the recorded best
+    abs_res, _ = residuals(z_a, f(z_a))
+    ok = ~info_a["nan"]
+    torch.testing.assert_close(info_a["abs_residual"][ok], abs_res[ok])
