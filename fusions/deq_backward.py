@@ -33,7 +33,7 @@ Modes:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -55,7 +55,8 @@ __all__ = [
 
 Func = Callable[[torch.Tensor], torch.Tensor]
 Solve = Callable[[Func, torch.Tensor], Tuple[torch.Tensor, Dict[str, Any]]]
-JacPair = Optional[Tuple[torch.Tensor, torch.Tensor]]
+Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+JacPair = Optional[Tuple[torch.Tensor, Inputs]]
 
 # ---------------------------------------------------------------------------- defaults
 #: Phantom gradient: unrolled steps from the fixed point and their damping (torchdeq's
@@ -72,7 +73,7 @@ DEFAULT_JAC_VECTORS = 2
 BACKWARD_COMPACT_FRACTION = 0.5
 
 
-def jacobian_penalty(fz: torch.Tensor, z_in: torch.Tensor, n_vectors: int = DEFAULT_JAC_VECTORS,
+def jacobian_penalty(fz: torch.Tensor, z_in: Inputs, n_vectors: int = DEFAULT_JAC_VECTORS,
                      create_graph: bool = True) -> torch.Tensor:
     """Hutchinson estimate of ``||J_f(z)||_F^2 / numel(z)``.
 
@@ -81,19 +82,21 @@ def jacobian_penalty(fz: torch.Tensor, z_in: torch.Tensor, n_vectors: int = DEFA
 
     Args:
         fz: ``f(z_in)`` (B, n), with a graph back to ``z_in``.
-        z_in: ``(B, n)`` leaf that requires grad.
+        z_in: ``(B, n)`` leaf that requires grad, or the leaves of its column blocks (a staged
+            graph, :class:`StagedGraph`): ``J`` is then the Jacobian w.r.t. all of them.
         n_vectors: random vectors. Default: 2.
         create_graph: keep the graph so the estimate can be trained on. Default: True.
 
     Returns:
         Scalar tensor (>= 0).
     """
+    inputs = [z_in] if isinstance(z_in, torch.Tensor) else list(z_in)
     total = fz.new_zeros(())
     for _ in range(int(n_vectors)):
         v = torch.randn_like(fz)
-        (vj,) = torch.autograd.grad(fz, z_in, v, retain_graph=True, create_graph=create_graph)
-        total = total + vj.pow(2).sum()
-    return total / (int(n_vectors) * z_in.numel())
+        for vj in torch.autograd.grad(fz, inputs, v, retain_graph=True, create_graph=create_graph):
+            total = total + vj.pow(2).sum()
+    return total / (int(n_vectors) * sum(t.numel() for t in inputs))
 
 
 def _solve_adjoint(f: Callable[..., torch.Tensor], z: torch.Tensor, out: torch.Tensor, inp: torch.Tensor,
@@ -128,36 +131,44 @@ def _solve_adjoint(f: Callable[..., torch.Tensor], z: torch.Tensor, out: torch.T
     return y, info
 
 
-def _solve_adjoint_staged(f: Any, z_in: torch.Tensor, g: torch.Tensor, solve: Solve,
-                          compact: Union[bool, float], tol: float, stop_mode: str
-                          ) -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """``y = y J_f(z) + g`` for a staged (lower block-triangular) ``f``, last stage first
-    (see :mod:`multizoo_ext.fusions.deq_staged`): stage ``k`` solves
-    ``y_k = y_k df_k/dz_k + rhs_k``, then passes ``y_k df_k/dz_j`` to the earlier stages' rhs.
+class StagedGraph:
+    """``f`` at ``z`` with a graph, built stage by stage for a staged (lower block-triangular)
+    map (see :mod:`multizoo_ext.fusions.deq_staged`): one leaf per column block of ``z``
+    (``inputs``), each stage's map (``maps``) and output (``outs``), later stages built from the
+    earlier stages' graphed outputs. ``output`` (``torch.cat(outs)``) is ``f(z)`` with the
+    graph the parameters train through, and the same graph gives each stage's own
+    vector-Jacobian products for the staged adjoint solve, so ``f`` is evaluated once at
+    ``z*`` for both."""
 
-    The stage graphs are built once, first stage first, each later stage from the earlier
-    stages' graphed outputs, so ``f`` is evaluated once per stage."""
-    sizes = list(f.stage_sizes)
-    K = len(sizes)
-    zs = [t.contiguous() for t in z_in.detach().split(sizes, dim=1)]
-    rhs = [t.contiguous() for t in g.split(sizes, dim=1)]
-    with torch.enable_grad():
-        inputs = [z.detach().requires_grad_() for z in zs]
-        maps: List[Callable[..., torch.Tensor]] = []
-        outs: List[torch.Tensor] = []
-        for k in range(K):
-            maps.append(f.stage(k, inputs[:k], outs[:k]))
-            outs.append(maps[k](inputs[k]))
+    def __init__(self, f: Any, z: torch.Tensor) -> None:
+        self.sizes = list(f.stage_sizes)
+        self.states = [t.contiguous() for t in z.detach().split(self.sizes, dim=1)]   # K x (B, n_k)
+        with torch.enable_grad():
+            self.inputs = [t.detach().requires_grad_() for t in self.states]
+            self.maps: List[Callable[..., torch.Tensor]] = []
+            self.outs: List[torch.Tensor] = []
+            for k in range(len(self.sizes)):
+                self.maps.append(f.stage(k, self.inputs[:k], self.outs[:k]))
+                self.outs.append(self.maps[k](self.inputs[k]))
+            self.output = torch.cat(self.outs, dim=1)                                  # (B, n)
+
+
+def _solve_adjoint_staged(graph: StagedGraph, g: torch.Tensor, solve: Solve, compact: Union[bool, float],
+                          tol: float, stop_mode: str) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """``y = y J_f(z) + g`` for a staged ``f`` on its :class:`StagedGraph`, last stage first:
+    stage ``k`` solves ``y_k = y_k df_k/dz_k + rhs_k``, then passes ``y_k df_k/dz_j`` to the
+    earlier stages' rhs. The graph is kept (the parameter gradients flow through it next)."""
+    K = len(graph.sizes)
+    rhs = [t.contiguous() for t in g.split(graph.sizes, dim=1)]
     ys: List[Optional[torch.Tensor]] = [None] * K
     infos: List[Optional[Dict[str, Any]]] = [None] * K
     k_solve = functools.partial(solve, tol=stage_tolerance(tol, stop_mode, K))
     for k in reversed(range(K)):
-        ys[k], infos[k] = _solve_adjoint(maps[k], zs[k], outs[k], inputs[k], rhs[k], k_solve, compact)
+        ys[k], infos[k] = _solve_adjoint(graph.maps[k], graph.states[k], graph.outs[k], graph.inputs[k],
+                                         rhs[k], k_solve, compact)
         if k > 0:
-            for j, c in enumerate(torch.autograd.grad(outs[k], inputs[:k], ys[k], retain_graph=True)):
+            for j, c in enumerate(torch.autograd.grad(graph.outs[k], graph.inputs[:k], ys[k], retain_graph=True)):
                 rhs[j] = rhs[j] + c
-        outs.pop()                                                # free this stage's graph
-        maps.pop()
     return torch.cat(ys, dim=1), merge_stage_infos(infos, tol, stop_mode)
 
 
@@ -166,9 +177,11 @@ class _ImplicitFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, fz: torch.Tensor, z_in: torch.Tensor,  # type: ignore[override]
-                f: Callable[..., torch.Tensor], mode: "ImplicitBackward", info: Dict[str, Any]) -> torch.Tensor:
+                f: Callable[..., torch.Tensor], mode: "ImplicitBackward", info: Dict[str, Any],
+                graph: Optional[StagedGraph]) -> torch.Tensor:
+        # fz = f(z_in) with a graph; with a staged graph, fz is graph.output and z_in unused
         ctx.save_for_backward(fz, z_in)
-        ctx.f, ctx.mode, ctx.info = f, mode, info
+        ctx.f, ctx.mode, ctx.info, ctx.graph = f, mode, info, graph
         return fz.view_as(fz)
 
     @staticmethod
@@ -189,8 +202,8 @@ class _ImplicitFn(torch.autograd.Function):
             rhs = torch.where(trusted, g, torch.zeros_like(g))
         else:
             rhs = g
-        if mode.staged and is_staged(ctx.f):
-            y, binfo = _solve_adjoint_staged(ctx.f, z_in, rhs, mode.backward_solve, mode.compact, mode.tol,
+        if ctx.graph is not None:
+            y, binfo = _solve_adjoint_staged(ctx.graph, rhs, mode.backward_solve, mode.compact, mode.tol,
                                              mode.stop_mode)
         else:
             # the full batch uses the forward's recomputation of f at z*
@@ -199,7 +212,7 @@ class _ImplicitFn(torch.autograd.Function):
             y = torch.where(trusted, y, g)
             binfo["implicit"] = trusted.squeeze(1)
         ctx.info["backward"] = binfo
-        return y, None, None, None, None
+        return y, None, None, None, None, None
 
 
 class ImplicitBackward:
@@ -242,10 +255,16 @@ class ImplicitBackward:
             z_star, info = solve(f, z0)
         if not needs_grad:
             return z_star, info, None
-        z_in = z_star.detach().requires_grad_()
-        fz = f(z_in)                                                  # (B, n), one step with a graph
-        out = _ImplicitFn.apply(fz, z_in, f, self, info)
-        return out, info, ((fz, z_in) if want_jac else None)
+        if self.staged and is_staged(f):
+            # one graph of f at z*, stage by stage: for the parameters and for the adjoint solve
+            graph: Optional[StagedGraph] = StagedGraph(f, z_star)
+            fz, z_in, leaves = graph.output, z_star.detach(), graph.inputs
+        else:
+            graph = None
+            z_in = leaves = z_star.detach().requires_grad_()
+            fz = f(z_in)                                              # (B, n), one step with a graph
+        out = _ImplicitFn.apply(fz, z_in, f, self, info, graph)
+        return out, info, ((fz, leaves) if want_jac else None)
 
 
 class PhantomBackward:

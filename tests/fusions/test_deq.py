@@ -312,6 +312,28 @@ def test_deq_fusion_staged_and_joint_agree_in_value_and_gradient(dims):
     assert float(abs_res.max()) <= 1e-12
 
 
+@pytest.mark.parametrize("staged_backward", [False, True])
+def test_one_graphed_evaluation_of_f_per_training_step(monkeypatch, staged_backward):
+    """The implicit mode evaluates f at z* with a graph once per step: the parameters, the
+    Jacobian penalty and the (staged or joint) adjoint solve all use that one graph."""
+    from multizoo_ext.fusions import deq as deq_module
+
+    calls = []
+    orig = deq_module._FusionMap.modalities
+
+    def counting(self, z_m, index=None):
+        calls.append(torch.is_grad_enabled())
+        return orig(self, z_m, index)
+
+    monkeypatch.setattr(deq_module._FusionMap, "modalities", counting)
+    torch.manual_seed(0)
+    fusion = DEQFusion([5, 7], width=16, jac_reg=True, compact=False, staged_backward=staged_backward)
+    out = fusion(_inputs([5, 7]))
+    (out.sum() + fusion.jac_loss).backward()
+    assert sum(calls) == 1 and len(calls) > 5                        # the solves ran without a graph
+    assert len(fusion.last_info["backward"].get("stages", [])) == (2 if staged_backward else 0)
+
+
 def test_default_stages_both_solves_with_the_jacobian_free_fallback():
     fusion = DEQFusion([5, 7], width=8)
     out, info = fusion([torch.randn(3, 5), torch.randn(3, 7)], return_info=True)
