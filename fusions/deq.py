@@ -230,15 +230,17 @@ class _FusionMap:
         # instead of zero-filling a full-width one per slice
         zs = z_m.split(d, dim=1)                                                    # M x (b, d)
         h = torch.cat([F.linear(zs[i], self.w1[i], self.b1[i]) for i in range(M)], 1)
-        h = F.relu(_group_norm(h, M * G, *self.gn[0], eps))                       # (b, M d)
+        # in-place ReLU / add on fresh intermediates whose producers' backward does not read
+        # them: fewer allocations (on the CPU often fresh pages) and passes
+        h = _group_norm(h, M * G, *self.gn[0], eps).relu_()                       # (b, M d)
         hs = h.split(d, dim=1)
         h = torch.cat([torch.addmm(inj[:, i], hs[i], self.w2t[i]) for i in range(M)], 1)
-        h = _group_norm(h, M * G, *self.gn[1], eps) + z_m
-        return _group_norm(F.relu(h), M * G, *self.gn[2], eps)
+        h = _group_norm(h, M * G, *self.gn[1], eps).add_(z_m).relu_()
+        return _group_norm(h, M * G, *self.gn[2], eps)
 
     def _fuse(self, z_f: torch.Tensor, a: torch.Tensor, inj_f: torch.Tensor) -> torch.Tensor:
         # z_f' = GN(ReLU(W_f (z_f * sum_i a_i) + x_f)), (b, d)
-        return _group_norm(F.relu(torch.addmm(inj_f, z_f * a, self.wft)), self.groups, *self.gnf, self.eps)
+        return _group_norm(torch.addmm(inj_f, z_f * a, self.wft).relu_(), self.groups, *self.gnf, self.eps)
 
     def __call__(self, z: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         M, d = self.M, self.d
