@@ -141,3 +141,13 @@ def test_scripts_import_without_optional_dependencies():
     assert proc.returncode == 0, proc.stderr
     table_row = next(line for line in proc.stdout.splitlines() if line.startswith("| single10 | 8 |"))
     assert "n/a" in table_row
+
+
+def test_deq_paired_cell_shows_the_spread_of_the_per_repeat_ratios():
+    deq = bench.load("deq")
+    row = {"speedup_paired_median": 3.3187,
+           "speedup_paired_spread": {"q1": 3.12, "q3": 3.54, "min": 2.99, "max": 4.06}}
+    assert deq._paired_cell(row) == "3.32x (IQR 3.12-3.54)"
+    assert deq._paired_cell({"speedup_paired_median": 2.0,
+                             "speedup_paired_spread": {"q1": None, "q3": None, "min": 1.9, "max": 2.1}}) == "2.00x"
+    assert deq._paired_cell({}) == "-"

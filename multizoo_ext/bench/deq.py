@@ -51,7 +51,9 @@ Usage (from the repository root; ``multizoo-ext bench deq ...`` takes the same a
     python benchmarks/bench_deq.py --reference /tmp/deqfusion --threads 1 --repeats 5 \\
         --out runs/bench_deq.json --plot docs/figures/deq_convergence.png
 
-Without ``--reference`` the reference columns are skipped with a message. ``--quick`` runs a
+On a shared machine single steps scatter by +-15 % (other tenants' memory traffic), so
+quote speed-ups from many repeats (``--repeats 25``; the table gives the quartiles of the
+per-repeat ratios). Without ``--reference`` the reference columns are skipped with a message. ``--quick`` runs a
 small smoke version (width 64, batch 16, 2 repeats). ``--plot`` needs matplotlib (the ``plot``
 extra), imported only when a plot is asked for.
 """
@@ -721,8 +723,13 @@ def measure_speed(ref: Optional[types.SimpleNamespace], width: int = 512, batch:
             t = times[n]
             res["impls"][n]["speedup_vs_reference"] = {
                 k: statistics.median(ref_t[k]) / statistics.median(t[k]) for k in ("step", "forward", "backward")}
-            res["impls"][n]["speedup_paired_median"] = statistics.median(
-                a / b for a, b in zip(ref_t["step"], t["step"]))
+            paired = sorted(a / b for a, b in zip(ref_t["step"], t["step"]))
+            res["impls"][n]["speedup_paired_median"] = statistics.median(paired)
+            # spread of the per-repeat ratios: quartiles (with >= 4 repeats) and range
+            res["impls"][n]["speedup_paired_spread"] = {
+                "q1": statistics.quantiles(paired, n=4)[0] if len(paired) >= 4 else None,
+                "q3": statistics.quantiles(paired, n=4)[2] if len(paired) >= 4 else None,
+                "min": paired[0], "max": paired[-1]}
             rr, ro = res["impls"]["reference"]["forward_rel_residual"], res["impls"][n]["forward_rel_residual"]
             res["impls"][n]["residual_equal_or_better"] = bool(
                 ro["median"] <= rr["median"] * 1.0001 and ro["max"] <= rr["max"] * 1.0001)
@@ -1063,6 +1070,17 @@ def _rows_cell(r: Dict[str, Any], side: str, B: int) -> str:
     return _fmt(rows / B if rows else None)
 
 
+def _paired_cell(r: Dict[str, Any]) -> str:
+    """``3.32x (IQR 3.12-3.54)``: the paired speed-up and the quartiles of the per-repeat ratios."""
+    med = r.get("speedup_paired_median")
+    if not med:
+        return "-"
+    spread = r.get("speedup_paired_spread") or {}
+    if spread.get("q1") is None:
+        return f"{med:.2f}x"
+    return f"{med:.2f}x (IQR {spread['q1']:.2f}-{spread['q3']:.2f})"
+
+
 def to_markdown(result: Dict[str, Any]) -> str:
     """Markdown tables of :func:`run`'s result."""
     env = result.get("environment", {})
@@ -1086,7 +1104,8 @@ def to_markdown(result: Dict[str, Any]) -> str:
                   f"{c['repeats']} interleaved repeats)", ""]
         lines.append("Speed-up = median(reference) / median(impl); paired = median over repeats of the ratio "
                      "within one repeat (all implementations run back to back, so it is less sensitive to "
-                     "load changes on a shared machine). Residuals: per sample, ||f(z*) - z*|| / ||f(z*)|| at "
+                     "load changes on a shared machine; IQR: quartiles of those per-repeat ratios). "
+                     "Residuals: per sample, ||f(z*) - z*|| / ||f(z*)|| at "
                      "the returned z* with each implementation's own f; 'equal or better' = median and max "
                      "both <= the reference's.\n")
         if "same_function_max_abs_diff" in sp:
@@ -1115,7 +1134,7 @@ def to_markdown(result: Dict[str, Any]) -> str:
                 f"{_fmt(t.get('backward'))} | "
                 + (f"{s['step']:.2f}x / {s['forward']:.2f}x / {s['backward']:.2f}x" if s
                    else ("1" if name == "reference" else "-")) + " | "
-                + (f"{r['speedup_paired_median']:.2f}x" if r.get("speedup_paired_median") else "-") + " | "
+                + _paired_cell(r) + " | "
                 f"{_fmt(r.get('forward_evals'))} | "
                 f"{_rows_cell(r, 'forward', B)} | "
                 + (f"{sps['mean']:.1f}, {sps['max']:.0f}" if sps else "-") + " | "
