@@ -7,7 +7,7 @@ run by ``multizoo-ext bench deq``); see its docstring for what is measured and
 Usage (from the repository root)::
 
     git clone <mirror of github.com/jinhong-ni/DEQFusion> /tmp/deqfusion   # outside the repo
-    python benchmarks/bench_deq.py --reference /tmp/deqfusion --threads 1 --repeats 5 \\
+    python benchmarks/bench_deq.py --reference /tmp/deqfusion --threads 1 --repeats 15 \\
         --out runs/bench_deq.json --plot docs/figures/deq_convergence.png
 """
 from multizoo_ext.bench.deq import *  # noqa: F401,F403  (run, to_markdown, ... for importers)

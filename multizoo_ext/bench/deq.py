@@ -48,7 +48,7 @@ never to the checkout): see ``benchmarks/deq_reference.md`` and :func:`reference
 Usage (from the repository root; ``multizoo-ext bench deq ...`` takes the same arguments)::
 
     git clone <mirror of github.com/jinhong-ni/DEQFusion> /tmp/deqfusion   # outside the repo
-    python benchmarks/bench_deq.py --reference /tmp/deqfusion --threads 1 --repeats 5 \\
+    python benchmarks/bench_deq.py --reference /tmp/deqfusion --threads 1 --repeats 15 \\
         --out runs/bench_deq.json --plot docs/figures/deq_convergence.png
 
 On a shared machine single steps scatter by +-15 % (other tenants' memory traffic), so
@@ -584,7 +584,7 @@ def _summary(probe: _Probe, model_info: Optional[Dict[str, Any]]) -> Dict[str, A
 
 
 def measure_speed(ref: Optional[types.SimpleNamespace], width: int = 512, batch: int = 128, modalities: int = 2,
-                  f_max_iter: int = 55, b_max_iter: int = 56, repeats: int = 5, jac_weight: float = 0.1,
+                  f_max_iter: int = 55, b_max_iter: int = 56, repeats: int = 15, jac_weight: float = 0.1,
                   variants: Sequence[str] = DEFAULT_VARIANTS, seed: int = 0,
                   device: torch.device = torch.device("cpu"), grad_check: bool = True) -> Dict[str, Any]:
     """Training-step time, iterations and residuals of the reference and our variants (see module doc)."""
@@ -1004,7 +1004,7 @@ def environment(threads: int) -> Dict[str, Any]:
 
 
 def run(reference: Optional[os.PathLike] = None, width: int = 512, batch: int = 128, modalities: int = 2,
-        repeats: int = 5, threads: int = 1, f_max_iter: int = 55, b_max_iter: int = 56, jac_weight: float = 0.1,
+        repeats: int = 15, threads: int = 1, f_max_iter: int = 55, b_max_iter: int = 56, jac_weight: float = 0.1,
         variants: Sequence[str] = DEFAULT_VARIANTS, parts: Sequence[str] = PARTS,
         memory_iters: Sequence[int] = (10, 100), conv_iters: int = 100, plot: Optional[os.PathLike] = None,
         seed: int = 0, grad_check: bool = True) -> Dict[str, Any]:
@@ -1229,7 +1229,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Di
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--modalities", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=15, help="interleaved timed repeats (many: single steps scatter on a shared machine)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--f-max-iter", type=int, default=55)
     p.add_argument("--b-max-iter", type=int, default=56)
