@@ -1229,7 +1229,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Di
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--modalities", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=15, help="interleaved timed repeats (many: single steps scatter on a shared machine)")
+    p.add_argument("--repeats", type=int, default=15,
+                   help="interleaved timed repeats (many: single steps scatter on a shared machine)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--f-max-iter", type=int, default=55)
     p.add_argument("--b-max-iter", type=int, default=56)
