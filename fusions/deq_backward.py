@@ -99,14 +99,14 @@ def jacobian_penalty(fz: torch.Tensor, z_in: Inputs, n_vectors: int = DEFAULT_JA
     return total / (int(n_vectors) * sum(t.numel() for t in inputs))
 
 
-def _solve_adjoint(f: Callable[..., torch.Tensor], z: torch.Tensor, out: torch.Tensor, inp: torch.Tensor,
+def _solve_adjoint(f: Callable[..., torch.Tensor], out: torch.Tensor, inp: torch.Tensor,
                    rhs: torch.Tensor, solve: Solve, compact: Union[bool, float]
                    ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """Solve ``y = y J_f(z) + rhs`` (all ``(B, n)``) on vector-Jacobian products.
 
-    ``out = f(inp)`` is the full-batch graph at ``inp`` (``z`` with grad). When the solver drops
-    converged samples (compact), ``f`` is recomputed on the remaining rows once, so later
-    products cost only those rows.
+    ``out = f(inp)`` is the full-batch graph at the leaf ``inp`` (``z`` with grad). When the
+    solver drops converged samples (compact), ``f`` is recomputed on the remaining rows once,
+    so later products cost only those rows.
     """
     B = rhs.shape[0]
     graph: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {B: (out, inp, rhs)}
@@ -116,7 +116,7 @@ def _solve_adjoint(f: Callable[..., torch.Tensor], z: torch.Tensor, out: torch.T
         if b not in graph:
             assert index is not None
             with torch.enable_grad():
-                zi = z.index_select(0, index).requires_grad_()
+                zi = inp.detach().index_select(0, index).requires_grad_()
                 fzi = f(zi, index)
             for key in [k for k in graph if k != B]:
                 del graph[key]
@@ -142,9 +142,8 @@ class StagedGraph:
 
     def __init__(self, f: Any, z: torch.Tensor) -> None:
         self.sizes = list(f.stage_sizes)
-        self.states = [t.contiguous() for t in z.detach().split(self.sizes, dim=1)]   # K x (B, n_k)
         with torch.enable_grad():
-            self.inputs = [t.detach().requires_grad_() for t in self.states]
+            self.inputs = [t.contiguous().requires_grad_() for t in z.detach().split(self.sizes, dim=1)]
             self.maps: List[Callable[..., torch.Tensor]] = []
             self.outs: List[torch.Tensor] = []
             for k in range(len(self.sizes)):
@@ -164,8 +163,7 @@ def _solve_adjoint_staged(graph: StagedGraph, g: torch.Tensor, solve: Solve, com
     infos: List[Optional[Dict[str, Any]]] = [None] * K
     k_solve = functools.partial(solve, tol=stage_tolerance(tol, stop_mode, K))
     for k in reversed(range(K)):
-        ys[k], infos[k] = _solve_adjoint(graph.maps[k], graph.states[k], graph.outs[k], graph.inputs[k],
-                                         rhs[k], k_solve, compact)
+        ys[k], infos[k] = _solve_adjoint(graph.maps[k], graph.outs[k], graph.inputs[k], rhs[k], k_solve, compact)
         if k > 0:
             for j, c in enumerate(torch.autograd.grad(graph.outs[k], graph.inputs[:k], ys[k], retain_graph=True)):
                 rhs[j] = rhs[j] + c
@@ -207,7 +205,7 @@ class _ImplicitFn(torch.autograd.Function):
                                              mode.stop_mode)
         else:
             # the full batch uses the forward's recomputation of f at z*
-            y, binfo = _solve_adjoint(ctx.f, z_in.detach(), fz, z_in, rhs, mode.backward_solve, mode.compact)
+            y, binfo = _solve_adjoint(ctx.f, fz, z_in, rhs, mode.backward_solve, mode.compact)
         if trusted is not None:
             y = torch.where(trusted, y, g)
             binfo["implicit"] = trusted.squeeze(1)

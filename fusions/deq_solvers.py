@@ -232,9 +232,8 @@ class _Tracker:
         new_conv = ok & (res <= self.tol)
         self.converged = self.converged | new_conv
         self.nan = self.nan | (active > finite)                       # active and not finite
-        stay = ok & fine
         self.diverged = self.diverged | ((ok > fine) > new_conv)      # ok, not fine, not converged
-        self.active = stay > new_conv                                 # ok, fine, not converged
+        self.active = (ok & fine) > new_conv                          # ok, fine, not converged
         if self.trace:
             last_abs = torch.where(active, abs_res, self._rows(self.last_abs))
             last_rel = torch.where(active, rel_res, self._rows(self.last_rel))

@@ -111,10 +111,6 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "tol_matched_phantom1": {"f_tol": "ref_median", "backward": "phantom", "phantom_steps": 1},
     "tol_matched_btol_matched_anderson10": {"f_tol": "ref_median", "b_tol": "ref_median",
                                             "solver_kwargs": {"m": 10}},
-    # the adjoint system solved stage by stage as well (off by default: see DEQDefaults)
-    "tol_matched_staged_bwd": {"f_tol": "ref_median", "staged_backward": True},
-    "tol_matched_btol_matched_staged_bwd": {"f_tol": "ref_median", "b_tol": "ref_median",
-                                            "staged_backward": True},
     # the adjoint system solved jointly (staged forward)
     "tol_matched_btol_matched_joint_bwd": {"f_tol": "ref_median", "b_tol": "ref_median",
                                            "staged_backward": False},
@@ -726,10 +722,8 @@ def measure_speed(ref: Optional[types.SimpleNamespace], width: int = 512, batch:
             paired = sorted(a / b for a, b in zip(ref_t["step"], t["step"]))
             res["impls"][n]["speedup_paired_median"] = statistics.median(paired)
             # spread of the per-repeat ratios: quartiles (with >= 4 repeats) and range
-            res["impls"][n]["speedup_paired_spread"] = {
-                "q1": statistics.quantiles(paired, n=4)[0] if len(paired) >= 4 else None,
-                "q3": statistics.quantiles(paired, n=4)[2] if len(paired) >= 4 else None,
-                "min": paired[0], "max": paired[-1]}
+            q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) >= 4 else (None, None, None)
+            res["impls"][n]["speedup_paired_spread"] = {"q1": q1, "q3": q3, "min": paired[0], "max": paired[-1]}
             rr, ro = res["impls"]["reference"]["forward_rel_residual"], res["impls"][n]["forward_rel_residual"]
             res["impls"][n]["residual_equal_or_better"] = bool(
                 ro["median"] <= rr["median"] * 1.0001 and ro["max"] <= rr["max"] * 1.0001)
