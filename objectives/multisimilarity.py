@@ -77,6 +77,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from multizoo_ext import native
+from multizoo_ext.objectives import multisimilarity_native
 from multizoo_ext.validation import check_finite
 
 __all__ = [
@@ -195,6 +197,7 @@ def _sentinel(base: float, epsilon: float) -> float:
     return 8.0 + 2.0 * (abs(base) + abs(epsilon))
 
 
+@functools.lru_cache(maxsize=64)
 def _needs_shift(alpha: float, beta: float, base: float, columns: int, dtype: torch.dtype) -> bool:
     """Whether ``sum exp(logits)`` could overflow ``dtype`` without a per-row shift.
 
@@ -483,12 +486,49 @@ def _multi_similarity_loss(embeddings: Tensor, labels: Tensor, alpha: float, bet
         # No pair at all: a zero that keeps the graph (and device, dtype) of the input.
         return embeddings.sum() * 0
     batch, dtype, device = embeddings.shape[0], embeddings.dtype, embeddings.device
+    if (dtype == torch.float32 and device.type == "cpu" and native.enabled()
+            and not _needs_shift(alpha, beta, base, batch, dtype)):
+        loss = _native_loss(embeddings, labels, float(alpha), float(beta), float(base), float(epsilon),
+                            bool(mining), name)
+        if loss is not None:
+            return loss
     cfg = _config(float(alpha), float(beta), float(base), float(epsilon), batch, batch, batch, dtype, device,
                   True, True)
     if labels.device != device:
         labels = labels.to(device)
     terms = _label_terms(_share_matrix(labels, dtype, name), cfg)  # (k, B, B), after the label checks
     return _MeanMultiSimilarity.apply(embeddings, terms, cfg, bool(mining), name)
+
+
+def _native_loss(embeddings: Tensor, labels: Tensor, alpha: float, beta: float, base: float, epsilon: float,
+                 mining: bool, name: str) -> Tensor | None:
+    """The CPU float32 loss through the C kernels (:mod:`.multisimilarity_native`), or None
+    where they are not available. Integer class indices go in as they are, integer or bool
+    multi-hot labels with up to 64 columns as bit masks, other labels (float) as the 0/1
+    share matrix; the label checks are those of the eager path."""
+    if not multisimilarity_native.available():
+        return None
+    if labels.device != embeddings.device:
+        labels = labels.to(embeddings.device)
+    single = labels.dim() == 1 or labels.shape[1] == 1
+    if single and not labels.is_floating_point():
+        key, mode = labels, 0  # (B,)
+        if labels.dim() != 1 or labels.dtype != torch.int64 or not labels.is_contiguous():
+            key = labels.reshape(-1).to(torch.int64).contiguous()
+    elif (not single and not labels.is_floating_point()
+          and labels.shape[1] <= multisimilarity_native.MULTIHOT_MAX_LABELS):
+        key, mode = multisimilarity_native.pack_multihot(labels), 2  # (B,)
+        if key is None:
+            raise ValueError(f"{name} expects multi-hot labels (B, K) with values 0/1 only, got other values")
+    else:
+        key, mode = _share_matrix(labels, torch.float32, name).contiguous(), 1  # (B, B)
+
+    def on_bad() -> None:
+        check_finite(embeddings, f"{name} embeddings")
+        raise ValueError(f"{name} embeddings have rows whose norm overflows {embeddings.dtype}; rescale them")
+
+    return multisimilarity_native.mean_loss(embeddings, key, mode, alpha, beta, base, epsilon, mining, _NORM_EPS,
+                                            on_bad)
 
 
 class MultiSimilarityLoss(nn.Module):

@@ -30,7 +30,7 @@ def test_bench_ms_runs_and_writes_json(tmp_path, capsys):
     assert torch.get_num_threads() == threads
     stdout = capsys.readouterr().out
     assert stdout.startswith("Multi-Similarity loss, forward + backward, CPU, 1 thread(s), dim 16")
-    assert "| setting | batch | ours ms | naive ms | PML ms |" in stdout
+    assert "| setting | batch | ours ms | eager ms | naive ms | PML ms |" in stdout
     assert "largest |loss - ours|" in stdout
     rows = json.loads(out.read_text())
     assert [(r["setting"], r["batch"], r["dim"]) for r in rows] == [("single10", 32, 16), ("multilabel23", 32, 16)]
@@ -38,6 +38,7 @@ def test_bench_ms_runs_and_writes_json(tmp_path, capsys):
     for r in rows:
         assert r["ours_ms"] > 0 and r["naive_ms"] > 0 and r["naive_over_ours"] > 0
         assert r["naive_err"] < 1e-5          # the loop computes the same loss as ours
+        assert r["eager_ms"] > 0 and r["eager_err"] < 1e-5
         assert r["multibench_ms"] is None and r["multibench_status"] == "not run"
     single, multi = rows
     assert multi["pml_ms"] is None            # PML takes class indices only

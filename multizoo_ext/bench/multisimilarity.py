@@ -6,7 +6,10 @@ rounds (a block of calls each), the median per call over the rounds, measured by
 process CPU time, so that other processes on a shared machine disturb the ratios as little
 as possible (``--clock wall`` for wall time). Implementations:
 
-- ``ours``: :class:`multizoo_ext.objectives.multisimilarity.MultiSimilarityLoss`.
+- ``ours``: :class:`multizoo_ext.objectives.multisimilarity.MultiSimilarityLoss` as a user
+  gets it: through the native CPU kernels where they are built (a C compiler is there; the
+  header line says whether they were), else eager PyTorch.
+- ``eager``: the same loss with the native kernels switched off (eager PyTorch ops only).
 - ``naive``: a per-anchor Python loop in the style of MultiBench's
   ``objective_functions.contrast.MultiSimilarityLoss``: an outer loop over the anchors and an
   inner loop over the label columns that tests ``labels[i][k] == 1`` one element at a time
@@ -51,6 +54,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch.nn import functional as F
 
+from multizoo_ext import native
+from multizoo_ext.objectives import multisimilarity_native
 from multizoo_ext.objectives.multisimilarity import (
     DEFAULT_ALPHA,
     DEFAULT_BASE,
@@ -65,7 +70,7 @@ SETTINGS = {
 }
 DEFAULT_BATCHES = (32, 128, 512)
 DEFAULT_DIM = 128
-IMPLS = ("ours", "naive", "pml", "multibench")
+IMPLS = ("ours", "eager", "naive", "pml", "multibench")
 
 
 def naive_loop_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = DEFAULT_ALPHA,
@@ -160,6 +165,14 @@ def _fwd_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], emb: torch.Tensor)
     return step
 
 
+def _eager(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    previous = native.set_enabled(False)
+    try:
+        return fn(*args)
+    finally:
+        native.set_enabled(previous)
+
+
 def _quiet(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     # MultiBench's loss calls math.isinf on a tensor that requires grad: one warning per call.
     with warnings.catch_warnings():
@@ -201,8 +214,9 @@ def run(batches: Sequence[int] = DEFAULT_BATCHES, settings: Sequence[str] = tupl
 
     Returns:
         One dict per (setting, batch): ``{impl}_ms`` (median milliseconds or None),
-        ``{impl}_over_ours`` (time ratio), ``naive_err`` / ``pml_err`` (largest absolute
-        difference of the loss value from ours), ``multibench_status``.
+        ``{impl}_over_ours`` (time ratio), ``eager_err`` / ``naive_err`` / ``pml_err``
+        (absolute difference of the loss value from ours), ``multibench_status``, ``native``
+        (whether ``ours`` ran on the native kernels).
     """
     try:
         from pytorch_metric_learning import losses as pml_losses
@@ -218,10 +232,12 @@ def run(batches: Sequence[int] = DEFAULT_BATCHES, settings: Sequence[str] = tupl
         for setting in settings:
             for batch in batches:
                 emb, labels, multi_hot, classes = _make_batch(setting, batch, dim, seed)
-                row: Dict[str, Any] = {"setting": setting, "batch": batch, "dim": dim, "threads": threads}
+                row: Dict[str, Any] = {"setting": setting, "batch": batch, "dim": dim, "threads": threads,
+                                       "native": multisimilarity_native.available()}
                 ours = MultiSimilarityLoss()
                 steps: Dict[str, Callable[[], torch.Tensor]] = {
-                    "ours": _fwd_bwd(lambda e, y=labels: ours(e, y), emb)}
+                    "ours": _fwd_bwd(lambda e, y=labels: ours(e, y), emb),
+                    "eager": _fwd_bwd(lambda e, y=labels: _eager(ours, e, y), emb)}
                 loops_ok = naive_max_batch is None or batch <= naive_max_batch
                 if loops_ok:
                     steps["naive"] = _fwd_bwd(lambda e, y=multi_hot: naive_loop_loss(e, y), emb)
@@ -240,7 +256,7 @@ def run(batches: Sequence[int] = DEFAULT_BATCHES, settings: Sequence[str] = tupl
                         row[f"{impl}_status"] = f"error: {type(exc).__name__}"
                         del steps[impl]
                         continue
-                    if impl in ("naive", "pml"):
+                    if impl in ("eager", "naive", "pml"):
                         row[f"{impl}_err"] = abs(value - reference)
                 for impl, seconds in _time_round_robin(steps, budget, CLOCKS[clock]).items():
                     row[f"{impl}_ms"] = seconds * 1e3
@@ -263,20 +279,22 @@ def to_markdown(rows: Sequence[Dict[str, Any]]) -> str:
     """A markdown table of ``run``'s rows (times in ms, ratios = their time / ours)."""
     with_mb = any(r.get("multibench_ms") is not None or r.get("multibench_status", "").startswith("error")
                   for r in rows)
-    head = ["setting", "batch", "ours ms", "naive ms", "PML ms"]
+    head = ["setting", "batch", "ours ms", "eager ms", "naive ms", "PML ms"]
     if with_mb:
         head.append("MultiBench ms")
-    head += ["naive / ours", "PML / ours"]
+    head += ["naive / ours", "naive / eager", "PML / ours"]
     if with_mb:
         head.append("MultiBench / ours")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["setting"], str(r["batch"]), _fmt(r["ours_ms"], ".3f"), _fmt(r["naive_ms"], ".1f"),
-                 _fmt(r["pml_ms"], ".3f")]
+        cells = [r["setting"], str(r["batch"]), _fmt(r["ours_ms"], ".3f"), _fmt(r["eager_ms"], ".3f"),
+                 _fmt(r["naive_ms"], ".1f"), _fmt(r["pml_ms"], ".3f")]
         if with_mb:
             status = r.get("multibench_status", "")
             cells.append(_fmt(r["multibench_ms"], ".1f", "error" if status.startswith("error") else "n/a"))
+        by_eager = (r["naive_ms"] / r["eager_ms"]) if r["naive_ms"] and r["eager_ms"] else None
         cells += [_fmt(r["naive_over_ours"], ".0f") + ("x" if r["naive_over_ours"] else ""),
+                  _fmt(by_eager, ".0f") + ("x" if by_eager else ""),
                   _fmt(r["pml_over_ours"], ".2f") + ("x" if r["pml_over_ours"] else "")]
         if with_mb:
             cells.append(_fmt(r["multibench_over_ours"], ".0f") + ("x" if r["multibench_over_ours"] else ""))
@@ -314,12 +332,14 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     rows = run(batches=[int(b) for b in args.batches.split(",") if b], settings=settings, dim=args.dim,
                threads=args.threads, seed=args.seed, budget=args.budget, clock=args.clock,
                multibench_path=args.multibench, naive_max_batch=args.naive_max_batch)
+    kernels = "native CPU kernels" if multisimilarity_native.available() else "eager (no native kernels)"
     print(f"Multi-Similarity loss, forward + backward, CPU, {args.threads} thread(s), dim {args.dim}, "
-          f"{args.clock} clock, median per call, torch {torch.__version__}")
+          f"{args.clock} clock, median per call, torch {torch.__version__}; ours: {kernels}")
     print(to_markdown(rows))
     worst = max((r.get("naive_err") or 0.0) for r in rows)
     worst_pml = max((r.get("pml_err") or 0.0) for r in rows)
-    print(f"\nlargest |loss - ours|: naive {worst:.2e}, PML {worst_pml:.2e}")
+    worst_eager = max((r.get("eager_err") or 0.0) for r in rows)
+    print(f"\nlargest |loss - ours|: eager {worst_eager:.2e}, naive {worst:.2e}, PML {worst_pml:.2e}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))

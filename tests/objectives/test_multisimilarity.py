@@ -386,6 +386,7 @@ def test_benchmark_smoke():
                                                           ("single10", 6), ("single10", 12)]
     for r in rows:
         assert r["ours_ms"] > 0 and r["naive_ms"] > 0 and r["naive_err"] < 1e-5
+        assert r["eager_ms"] > 0 and r["eager_err"] < 1e-5
         assert (r["pml_ms"] is None) == (r["setting"] == "multilabel23")
         assert r["multibench_ms"] is None
     assert rows[2]["pml_err"] < 1e-5

@@ -1,8 +1,11 @@
-"""White-box tests of MultiSimilarityLoss's internal code paths: the combined (one ``exp``
-per pair) and two-sided logits, the logit floor, the shifted path without mining, the saved
-softmax weights, and the half types."""
+"""White-box tests of MultiSimilarityLoss's internal eager code paths: the combined (one
+``exp`` per pair) and two-sided logits, the logit floor, the shifted path without mining, the
+saved softmax weights, and the half types. The native CPU kernels are switched off here (their
+own tests: test_multisimilarity_native.py)."""
 import pytest
 import torch
+
+from multizoo_ext import native
 
 from multizoo_ext.objectives.multisimilarity import (
     DEFAULT_ALPHA,
@@ -20,6 +23,13 @@ from multizoo_ext.objectives.multisimilarity import (
 from .test_multisimilarity import grad_of, pml, reference_loop
 
 HP = dict(alpha=DEFAULT_ALPHA, beta=DEFAULT_BETA, base=DEFAULT_BASE, epsilon=DEFAULT_EPSILON)
+
+
+@pytest.fixture(autouse=True)
+def eager_only():
+    previous = native.set_enabled(False)
+    yield
+    native.set_enabled(previous)
 
 
 def _batch(kind, batch=40, dim=12, seed=0, dtype=torch.float64):
