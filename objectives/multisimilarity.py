@@ -31,7 +31,11 @@ values as pytorch-metric-learning's miner), and the backward is written by hand 
 gradient of a log-sum-exp is its softmax weights, formed in the forward; the Gram matrix
 costs one product), which spares most of the matrix passes autograd's backward would take.
 It is differentiable once (no double backward). The hot path is about 30 eager ops; most
-constants are cached per setting and batch size (see ``_Config``).
+constants are cached per setting and batch size (see ``_Config``). A CPU float32 batch whose
+settings need no overflow shift (the defaults) goes instead through the C kernels of
+:mod:`.multisimilarity_native` (compiled on first use; same maths and mining comparisons, two
+BLAS products plus three kernel calls per forward + backward) when a C compiler is there;
+everything else (GPU, float64, half types, large scales, no compiler) takes the eager path.
 
 Names of the hyper-parameters in the three code bases this project meets (MMF's from the
 ReFNet reference as described in ``docs/methods.md``):

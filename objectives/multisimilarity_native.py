@@ -21,7 +21,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from multizoo_ext import native
 
