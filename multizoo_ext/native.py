@@ -3,9 +3,9 @@ the system C compiler and loaded with ``ctypes``.
 
 Used where eager PyTorch pays more for launching its ops than for their arithmetic (the
 Multi-Similarity loss on a CPU batch: ~30 small ops over a (B, B) matrix). Nothing here is
-required: without a compiler (or with ``MULTIZOO_EXT_NATIVE=0`` in the environment, or after
-``set_enabled(False)``) :func:`load` returns None
-and the callers run their eager PyTorch code, which computes the same values.
+required: without a compiler (or with ``MULTIZOO_EXT_NATIVE=0`` in the environment, or inside
+:func:`disabled`) :func:`load` returns None and the callers run their eager PyTorch code,
+which computes the same values.
 
 - Compiler: ``$CC`` if set, else ``cc``, ``gcc`` or ``clang`` on the ``PATH``.
 - Flags: ``-O3 -fPIC -shared -fno-trapping-math -fno-strict-aliasing -fopenmp-simd`` (so
@@ -21,6 +21,7 @@ and the callers run their eager PyTorch code, which computes the same values.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -31,7 +32,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,16 @@ def set_enabled(flag: bool) -> bool:
     global _enabled
     previous, _enabled = _enabled, bool(flag)
     return previous
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run a block with the native kernels switched off (eager PyTorch), e.g. to compare."""
+    previous = set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
 
 
 def cache_dir() -> Path:

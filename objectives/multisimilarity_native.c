@@ -15,7 +15,6 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 /* exp(x), x clamped to [-87, 88] (all normal results in float32): Cody-Waite reduction
  * x = n ln2 + r, |r| <= ln2 / 2, a degree-7 Taylor polynomial (relative error < 1e-8 before
@@ -136,17 +135,12 @@ MS_ROW(ms_row_bits, uint64_t, key[i], MS_BY_BITS)
 
 /* A batch against itself: sim (n, n); the labels as class indices (mode 0, key int64 (n,)),
  * a 0/1 share matrix (mode 1, key float (n, n)) or 64-bit label masks (mode 2, key uint64
- * (n,)). Writes the mean loss to *loss (NaN if out of memory) and, into g (n, n), the
- * gradient of the mean w.r.t. the normalised Gram matrix, symmetrised (G + G^T, so that
- * d/dU = g U). */
+ * (n,)). Writes the mean loss to *loss and, into g (n, n), the gradient of the mean w.r.t.
+ * the normalised Gram matrix, symmetrised (G + G^T, so that d/dU = g U); coef (n, 2) is
+ * workspace. */
 void ms_square_f32(const float *sim, const void *key, int mode, long n, float alpha, float beta, float base,
-                   float eps, int mining, float *loss, float *g) {
+                   float eps, int mining, float *loss, float *g, float *coef) {
     const float inv_count = 1.0f / (float)n;
-    float *coef = (float *)malloc(sizeof(float) * 2 * (size_t)n); /* (n, 2) */
-    if (!coef) {
-        *loss = NAN;
-        return;
-    }
     double total = 0.0;
     for (long i = 0; i < n; ++i) {
         const float *si = sim + i * n;
@@ -173,7 +167,6 @@ void ms_square_f32(const float *sim, const void *key, int mode, long n, float al
             g[j * n + i] = v;
         }
     }
-    free(coef);
 }
 
 /* Backward of the row normalisation, in place: gu (n, d) = dL/dU becomes dL/dX =

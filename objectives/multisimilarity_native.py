@@ -36,7 +36,7 @@ def _library() -> Optional[ctypes.CDLL]:
     if lib is not None and not getattr(lib, "_multizoo_typed", False):
         lib.ms_normalize_f32.argtypes = [_P, _L, _L, _F, _P, _P]
         lib.ms_normalize_f32.restype = _I
-        lib.ms_square_f32.argtypes = [_P, _P, _I, _L, _F, _F, _F, _F, _I, _P, _P]
+        lib.ms_square_f32.argtypes = [_P, _P, _I, _L, _F, _F, _F, _F, _I, _P, _P, _P]
         lib.ms_square_f32.restype = None
         lib.ms_project_f32.argtypes = [_P, _P, _P, _L, _L, _F, _F]
         lib.ms_project_f32.restype = None
@@ -67,8 +67,10 @@ class _NativeMeanMultiSimilarity(torch.autograd.Function):
         sim = torch.mm(unit, unit.t())  # (B, B)
         loss = emb.new_empty(())
         grad_sim = torch.empty_like(sim)  # (B, B): d mean / dS, symmetrised
-        lib.ms_square_f32(sim.data_ptr(), key.data_ptr(), mode, batch, *hp, loss.data_ptr(), grad_sim.data_ptr())
-        ctx.plan = plan
+        coef = emb.new_empty(batch, 2)  # workspace: each anchor's softmax factors
+        lib.ms_square_f32(sim.data_ptr(), key.data_ptr(), mode, batch, *hp, loss.data_ptr(), grad_sim.data_ptr(),
+                          coef.data_ptr())
+        ctx.lib, ctx.norm_eps = lib, norm_eps
         ctx.save_for_backward(unit, norms, grad_sim)
         return loss
 
@@ -77,9 +79,8 @@ class _NativeMeanMultiSimilarity(torch.autograd.Function):
     def backward(ctx, grad_loss):  # type: ignore[override]
         unit, norms, grad_sim = ctx.saved_tensors
         grad = torch.mm(grad_sim, unit)  # (B, D) = dL/dU
-        lib, norm_eps = ctx.plan[0], ctx.plan[4]
-        lib.ms_project_f32(grad.data_ptr(), unit.data_ptr(), norms.data_ptr(), grad.shape[0], grad.shape[1],
-                           norm_eps, float(grad_loss))
+        ctx.lib.ms_project_f32(grad.data_ptr(), unit.data_ptr(), norms.data_ptr(), grad.shape[0], grad.shape[1],
+                               ctx.norm_eps, float(grad_loss))
         return grad, None
 
 

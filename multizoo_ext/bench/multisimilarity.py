@@ -166,11 +166,8 @@ def _fwd_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], emb: torch.Tensor)
 
 
 def _eager(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    previous = native.set_enabled(False)
-    try:
+    with native.disabled():
         return fn(*args)
-    finally:
-        native.set_enabled(previous)
 
 
 def _quiet(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:

@@ -19,11 +19,8 @@ pytestmark = pytest.mark.skipif(not multisimilarity_native.available(),
 
 
 def _eager(fn):
-    previous = native.set_enabled(False)
-    try:
+    with native.disabled():
         return fn()
-    finally:
-        native.set_enabled(previous)
 
 
 def _labels(kind, batch, gen):

@@ -27,9 +27,8 @@ HP = dict(alpha=DEFAULT_ALPHA, beta=DEFAULT_BETA, base=DEFAULT_BASE, epsilon=DEF
 
 @pytest.fixture(autouse=True)
 def eager_only():
-    previous = native.set_enabled(False)
-    yield
-    native.set_enabled(previous)
+    with native.disabled():
+        yield
 
 
 def _batch(kind, batch=40, dim=12, seed=0, dtype=torch.float64):
