@@ -45,7 +45,7 @@ from torch import nn
 
 from multizoo_ext.fusions.common_fusions import Concat
 from multizoo_ext.fusions.deq import DEQFusion
-from multizoo_ext.objectives.deq_objective import deq_objective
+from multizoo_ext.objectives.deq import deq_objective
 from multizoo_ext.registry import create_dataset
 from multizoo_ext.training_structures.supervised import test, train
 from multizoo_ext.unimodals.common_models import MLP

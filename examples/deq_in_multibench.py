@@ -30,7 +30,7 @@ The lines that matter (everything else here is data plumbing)::
     from training_structures.Supervised_Learning import train, test   # MultiBench
     from unimodals.common_models import MLP                             # MultiBench
     from multizoo_ext.fusions.deq import DEQFusion
-    from multizoo_ext.objectives.deq_objective import deq_objective
+    from multizoo_ext.objectives.deq import deq_objective
 
     encoders = [MLP(d, 64, 32) for d in input_widths]
     fusion = DEQFusion([32] * len(input_widths), jac_reg=True)   # any widths; unequal ones are projected
@@ -73,7 +73,7 @@ except ImportError as exc:  # pragma: no cover - depends on where it is run
                      f"requirements installed (torchvision, memory_profiler, matplotlib, ...): {exc}") from exc
 
 from multizoo_ext.fusions.deq import DEQFusion  # noqa: E402
-from multizoo_ext.objectives.deq_objective import deq_objective  # noqa: E402
+from multizoo_ext.objectives.deq import deq_objective  # noqa: E402
 
 
 def fusion_lr_optimizer(fusion: nn.Module, mult: float, base=torch.optim.AdamW):

@@ -27,7 +27,7 @@ from torch import nn
 
 from multizoo_ext.fusions.common_fusions import Concat
 from multizoo_ext.fusions.refnet import ReFNet
-from multizoo_ext.objectives.refnet_objective import refnet_objective
+from multizoo_ext.objectives.refnet import refnet_objective
 from multizoo_ext.registry import create_dataset
 from multizoo_ext.training_structures.supervised import test, train
 from multizoo_ext.unimodals.common_models import MLP

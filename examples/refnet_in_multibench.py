@@ -21,7 +21,7 @@ The lines that matter (everything else here is data plumbing)::
     from unimodals.common_models import MLP                             # MultiBench
     from multizoo_ext.fusions.common_fusions import Concat
     from multizoo_ext.fusions.refnet import ReFNet
-    from multizoo_ext.objectives.refnet_objective import refnet_objective
+    from multizoo_ext.objectives.refnet import refnet_objective
 
     encoders = [MLP(d, 64, 32) for d in input_widths]
     dims = [32] * len(input_widths)                         # encoder output widths
@@ -61,7 +61,7 @@ except ImportError as exc:  # pragma: no cover - depends on where it is run
 
 from multizoo_ext.fusions.common_fusions import Concat  # noqa: E402
 from multizoo_ext.fusions.refnet import ReFNet  # noqa: E402
-from multizoo_ext.objectives.refnet_objective import refnet_objective  # noqa: E402
+from multizoo_ext.objectives.refnet import refnet_objective  # noqa: E402
 
 
 def random_loaders(widths=(20, 30, 10), n=(600, 150, 250), n_classes=3, batch_size=32, seed=0):

@@ -1,6 +1,20 @@
-"""Fusions: ``forward(list of (B, d_i)) -> (B, out_dim)``; importing registers them."""
-from multizoo_ext.fusions import common_fusions, transformer  # noqa: F401
-from multizoo_ext.fusions.common_fusions import Concat, LowRankTensorFusion, TensorFusion  # noqa: F401
-from multizoo_ext.fusions.transformer import TransformerFusion  # noqa: F401
-from multizoo_ext.fusions import refnet  # noqa: F401
-from multizoo_ext.fusions import deq  # noqa: F401
+"""Fusions (installed as ``multizoo_ext.fusions``): ``forward(list of (B, d_i)) -> (B, out_dim)``.
+
+>>> from multizoo_ext.fusions import Concat, ReFNet, DEQFusion
+
+Importing this package registers every fusion under its name (``concat``, ``tensor``,
+``lowrank``, ``transformer``, ``refnet``, ``deq``).
+"""
+from multizoo_ext.fusions.common_fusions import Concat, LowRankTensorFusion, TensorFusion
+from multizoo_ext.fusions.transformer import TransformerFusion
+from multizoo_ext.fusions.refnet import ReFNet
+from multizoo_ext.fusions.deq import DEQFusion
+
+__all__ = [
+    "Concat",
+    "DEQFusion",
+    "LowRankTensorFusion",
+    "ReFNet",
+    "TensorFusion",
+    "TransformerFusion",
+]

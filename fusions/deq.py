@@ -306,7 +306,7 @@ class DEQFusion(nn.Module):
         unroll_steps: iterations of the unrolled mode. Default: ``f_max_iter``.
         jac_reg: compute the Hutchinson Jacobian penalty ``||J_f(z*)||_F^2 / numel`` in
             training (kept as ``self.jac_loss`` for the objective, see
-            ``multizoo_ext.objectives.deq_objective``). Default: False.
+            ``multizoo_ext.objectives.deq``). Default: False.
         jac_vectors: random vectors of the estimate. Default: 2 (reference).
         compact: let the forward and backward solvers drop converged samples from their
             working batch. Default: True.

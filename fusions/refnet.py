@@ -5,7 +5,7 @@
 returns ``F``'s fused embedding unchanged, so it drops into MultiBench's ``MMDL`` and into our
 loops with no other edit. On the side it decodes the fused embedding back to each modality with
 one small refiner MLP ``R_i`` per modality (the "defusion" module) and keeps, for the objective
-to read (see ``multizoo_ext.objectives.refnet_objective``):
+to read (see ``multizoo_ext.objectives.refnet``):
 
 - ``last_fused``:           ``(B, fused_dim)``, the fused embedding of the last forward;
 - ``last_reconstructions``: list of ``(B, d_i)`` (or ``(B, input_dims[i])``), ``R_i(fused)``;

@@ -22,8 +22,8 @@ from multizoo_ext.benchmark import LOGREG, SINGLE_MODALITY, BenchmarkConfig, run
 from multizoo_ext.fusions.common_fusions import LowRankTensorFusion
 from multizoo_ext.fusions.deq import DEQFusion
 from multizoo_ext.fusions.refnet import ReFNet
-from multizoo_ext.objectives.deq_objective import deq_objective
-from multizoo_ext.objectives.refnet_objective import refnet_objective
+from multizoo_ext.objectives.deq import deq_objective
+from multizoo_ext.objectives.refnet import refnet_objective
 from multizoo_ext.registry import create_dataset
 from multizoo_ext.training_structures import supervised
 from multizoo_ext.unimodals.common_models import MLP

@@ -1,2 +1,7 @@
-"""Training loops: ``supervised`` (MultiBench's train/test; alias ``Supervised_Learning``)."""
-from multizoo_ext.training_structures.supervised import MMDL, TrainResult, test, train  # noqa: F401
+"""Training loops (installed as ``multizoo_ext.training_structures``): MultiBench's
+``train`` / ``test`` (also under MultiBench's module name ``Supervised_Learning``) and the
+self-supervised refiner pre-training ``pretrain``."""
+from multizoo_ext.training_structures.self_supervised import PretrainResult, pretrain
+from multizoo_ext.training_structures.supervised import MMDL, TrainResult, test, train
+
+__all__ = ["MMDL", "PretrainResult", "TrainResult", "pretrain", "test", "train"]

@@ -1,3 +1,5 @@
-"""Unimodal encoders (MultiBench names): ``from multizoo_ext.unimodals.common_models import MLP``."""
-from multizoo_ext.unimodals import common_models  # noqa: F401
-from multizoo_ext.unimodals.common_models import GRU, LSTM, MLP, Identity, LeNet, MaxOut_MLP, Maxout  # noqa: F401
+"""Unimodal encoders with MultiBench's names and arguments (installed as
+``multizoo_ext.unimodals``): ``from multizoo_ext.unimodals import MLP``."""
+from multizoo_ext.unimodals.common_models import GRU, LSTM, MLP, Identity, LeNet, MaxOut_MLP, Maxout
+
+__all__ = ["GRU", "LSTM", "MLP", "Identity", "LeNet", "MaxOut_MLP", "Maxout"]

@@ -67,7 +67,7 @@ from multizoo_ext.builder import build_encoders, infer_data_spec
 from multizoo_ext.datasets.label_fraction import split_labeled
 from multizoo_ext.fusions.common_fusions import Concat
 from multizoo_ext.fusions.refnet import DEFAULT_DETACH_TARGETS, ReFNet
-from multizoo_ext.objectives.refnet_objective import refiner_only_objective, refnet_objective
+from multizoo_ext.objectives.refnet import refiner_only_objective, refnet_objective
 from multizoo_ext.registry import create_dataset, list_datasets
 from multizoo_ext.training_structures.self_supervised import pretrain
 from multizoo_ext.training_structures.supervised import test, train

@@ -6,7 +6,7 @@ from torch import nn
 from multizoo_ext import create_dataset, create_objective
 from multizoo_ext.fusions.deq import DEQFusion
 from multizoo_ext.fusions.refnet import ReFNet
-from multizoo_ext.objectives.deq_objective import deq_objective, find_deq_in_args
+from multizoo_ext.objectives.deq import deq_objective, find_deq_in_args
 from multizoo_ext.training_structures.supervised import MMDL, train
 from multizoo_ext.unimodals.common_models import MLP
 

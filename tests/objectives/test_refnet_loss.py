@@ -21,7 +21,7 @@ from multizoo_ext.fusions.common_fusions import Concat
 from multizoo_ext.fusions.refnet import ReFNet
 from multizoo_ext.objectives.multisimilarity import MultiSimilarityLoss
 from multizoo_ext.objectives.refiner import RefinerLoss
-from multizoo_ext.objectives.refnet_objective import (
+from multizoo_ext.objectives.refnet import (
     refiner_loss_of,
     refiner_only_objective,
     refnet_objective,
@@ -296,7 +296,7 @@ _MB_SCRIPT = textwrap.dedent(
     from training_structures.Supervised_Learning import train, test
     from multizoo_ext.fusions.common_fusions import Concat
     from multizoo_ext.fusions.refnet import ReFNet
-    from multizoo_ext.objectives.refnet_objective import refnet_objective
+    from multizoo_ext.objectives.refnet import refnet_objective
     from multizoo_ext.unimodals.common_models import MLP
 
     out_dir = sys.argv[1]
@@ -395,7 +395,7 @@ _MB_DEQ_SCRIPT = textwrap.dedent(
     from torch.utils.data import DataLoader, TensorDataset
     from training_structures.Supervised_Learning import train, test
     from multizoo_ext.fusions.deq import DEQFusion
-    from multizoo_ext.objectives.deq_objective import deq_objective
+    from multizoo_ext.objectives.deq import deq_objective
     from multizoo_ext.unimodals.common_models import MLP
 
     torch.set_num_threads(1)
