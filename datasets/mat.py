@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import scipy.io
@@ -132,9 +132,10 @@ def _labels(raw: Any, where: str) -> Tuple[np.ndarray, np.ndarray]:
     return y_idx.astype(np.int64).reshape(-1), classes
 
 
-def _orient(shapes: List[Tuple[int, ...]], n: int, where: str) -> List[bool]:
-    """Which views are stored ``(d_v, N)`` (to transpose), given N labels."""
-    for v, s in enumerate(shapes):
+def _orient(shapes: List[Tuple[int, ...]], numbers: List[int], n: int, where: str) -> List[bool]:
+    """Which views (``numbers``: their places in the file's cell) are stored ``(d_v, N)``
+    (to transpose), given N labels."""
+    for v, s in zip(numbers, shapes):
         if len(s) != 2:
             raise ValueError(f"{where} view {v} must be a 2-D (N, d) matrix, got shape {s}")
     fits = [s[0] == n or s[1] == n for s in shapes]
@@ -143,14 +144,14 @@ def _orient(shapes: List[Tuple[int, ...]], n: int, where: str) -> List[bool]:
             raise ValueError(f"{where} labels do not match the row count: {n} labels but the views have shapes "
                              f"{shapes}")
         raise ValueError(f"{where} views have different row counts (shapes {shapes}) and none matches the {n} labels")
-    for v, (s, ok) in enumerate(zip(shapes, fits)):
+    for v, s, ok in zip(numbers, shapes, fits):
         if not ok:
             raise ValueError(f"{where} views have different row counts: view {v} has shape {s} but the labels "
                              f"and the other views have {n} rows")
     return [s[0] != n for s in shapes]
 
 
-def memory_estimate(widths: Sequence[int], sparse: Sequence[bool], n: int, batch_size: int = 32) -> dict:
+def memory_estimate(widths: Sequence[int], sparse: Sequence[bool], n: int, batch_size: int = 32) -> Dict[str, int]:
     """Bytes of float32 copies: ``dense_views`` (the dense views, materialised whole),
     ``sparse_if_dense`` (the sparse views if they were densified whole: never done here)
     and ``batch`` (one densified batch of every view)."""
@@ -160,15 +161,15 @@ def memory_estimate(widths: Sequence[int], sparse: Sequence[bool], n: int, batch
             "batch": min(batch_size, n) * sum(widths) * _FLOAT_BYTES}
 
 
-def _check_memory(est: dict, max_dense_bytes: int, where: str) -> None:
+def _check_memory(est: Dict[str, int], max_dense_bytes: int, where: str) -> None:
     mib = 2 ** 20
     logger.info("%s memory (float32): dense views %.1f MiB, sparse views %.1f MiB if densified (kept sparse), "
                 "one dense batch %.2f MiB", where, est["dense_views"] / mib, est["sparse_if_dense"] / mib,
                 est["batch"] / mib)
     for key, what in (("dense_views", "the dense views"), ("batch", "one densified batch")):
         if est[key] > max_dense_bytes:
-            raise ValueError(f"{where}: a float32 copy of {what} needs {est[key] / mib:.0f} MiB, above "
-                             f"max_dense_bytes={max_dense_bytes} ({max_dense_bytes / mib:.0f} MiB); select fewer "
+            raise ValueError(f"{where}: a float32 copy of {what} needs {est[key]} bytes ({est[key] / mib:.1f} MiB), "
+                             f"above max_dense_bytes={max_dense_bytes}; select fewer "
                              "views, lower batch_size, or raise max_dense_bytes")
 
 
@@ -181,7 +182,8 @@ def _finish_view(m: Any, transpose: bool, where: str) -> View:
         a = _dense(m, where)
         if np.iscomplexobj(a):
             raise TypeError(f"{where} holds complex values, expected real numbers")
-        out = np.ascontiguousarray((a.T if transpose else a).astype(np.float32, copy=False))
+        with np.errstate(over="ignore"):  # values beyond float32's range become Inf, reported below
+            out = np.ascontiguousarray((a.T if transpose else a).astype(np.float32, copy=False))
         vals = out
     if not np.all(np.isfinite(vals)):
         raise ValueError(f"{where} contains {int((~np.isfinite(vals)).sum())} NaN/Inf value(s) (after conversion "
@@ -217,7 +219,7 @@ def _assemble(p: Path, keys: List[str], read: Callable[[str], Any], view_key: st
     y, classes = _labels(read(label_key), f"{p}")
     n = y.shape[0]
     shapes = [tuple(int(s) for s in np.shape(m)) for m in raw]
-    transpose = _orient(shapes, n, str(p))
+    transpose = _orient(shapes, chosen, n, str(p))
     widths = [s[1] if not t else s[0] for s, t in zip(shapes, transpose)]
     is_sparse = [sp.issparse(m) for m in raw]
     _check_memory(memory_estimate(widths, is_sparse, n, batch_size), max_dense_bytes, str(p))
@@ -238,7 +240,9 @@ def load_mat(path: PathLike, view_key: str = "X", label_key: Optional[str] = Non
         label_key: the label array. Default: the first of ``Y``, ``y``, ``gt``, ``truth``.
         views: indices of the views to keep, in order. Default: all.
         max_dense_bytes: refuse (ValueError) when a float32 copy of the dense views, or one
-            densified batch of ``batch_size`` rows, would exceed it. Default: 4 GiB.
+            densified batch of ``batch_size`` rows, would exceed it (checked, and the estimate
+            logged, before any view is converted; a v7.3 file's dense views are not even read
+            then, while scipy reads a v5 file whole first). Default: 4 GiB.
         batch_size: rows of the batch in the memory estimate. Default: 32.
 
     Returns:
