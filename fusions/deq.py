@@ -306,7 +306,7 @@ class DEQFusion(nn.Module):
         unroll_steps: iterations of the unrolled mode. Default: ``f_max_iter``.
         jac_reg: compute the Hutchinson Jacobian penalty ``||J_f(z*)||_F^2 / numel`` in
             training (kept as ``self.jac_loss`` for the objective, see
-            ``multizoo_ext.objectives.deq``). Default: False.
+            ``multizoo_ext.objectives.deq``). Default: True (the recipe the method trains with).
         jac_vectors: random vectors of the estimate. Default: 2 (reference).
         compact: let the forward and backward solvers drop converged samples from their
             working batch. Default: True.
@@ -356,7 +356,7 @@ class DEQFusion(nn.Module):
                  f_tol: float = DEQ_DEFAULTS.f_tol, b_tol: float = DEQ_DEFAULTS.b_tol,
                  stop_mode: str = DEQ_DEFAULTS.stop_mode, backward: str = DEQ_DEFAULTS.backward,
                  phantom_steps: int = DEFAULT_PHANTOM_STEPS, phantom_tau: float = DEFAULT_PHANTOM_TAU,
-                 unroll_steps: Optional[int] = None, jac_reg: bool = False,
+                 unroll_steps: Optional[int] = None, jac_reg: bool = True,
                  jac_vectors: int = DEFAULT_JAC_VECTORS, compact: bool = DEQ_DEFAULTS.compact,
                  staged: bool = DEQ_DEFAULTS.staged, staged_backward: bool = DEQ_DEFAULTS.staged_backward,
                  implicit_max_residual: Optional[float] = DEQ_DEFAULTS.implicit_max_residual,
