@@ -35,6 +35,12 @@ Usage (from the repository root)::
         --variants "concat;pre,inner=concat;pre,inner=transformer,target=input,loss=mse" \\
         --out /tmp/digits.md
     python benchmarks/refnet_label_efficiency.py --dataset ../shared/data/multiview/BBCSport.mat
+
+What teaches (measured with this script, 5 seeds, 5 % / 10 % labels): a fusion that mixes the
+modalities (``inner=transformer``) with raw-input targets (``target=input``) and, on sparse
+bag-of-words views, the cosine refiner loss (MSE there is dominated by the zeros and hurts).
+Concat with embedding targets (the paper's defaults) teaches the encoders nothing: a fixed
+projection of ``concat(e_1..e_M)`` recovers every ``e_i`` whatever the encoders do.
 """
 from __future__ import annotations
 
@@ -62,7 +68,8 @@ from multizoo_ext.training_structures import pretrain, test, train
 logger = logging.getLogger("refnet_label_efficiency")
 
 FRACTIONS = (0.05, 0.10, 0.25, 0.50, 1.0)
-DEFAULT_VARIANTS = "concat;sup,inner=concat;pre,inner=concat"
+#: Reference, the paper's recipe (Concat inside, embedding targets) and the one that teaches.
+DEFAULT_VARIANTS = "concat;pre,inner=concat;pre,inner=transformer,target=input,loss=cosine"
 _KEYS = {"inner", "target", "detach", "loss", "steps", "mask", "name", "lr", "rw"}
 
 
@@ -255,9 +262,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--fractions", default=",".join(f"{f:g}" for f in FRACTIONS))
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help="';'-separated variant specs (module doc)")
-    p.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (best validation epoch kept)")
-    p.add_argument("--min-steps", type=int, default=300, help="minimum fine-tuning optimiser steps")
-    p.add_argument("--pretrain-steps", type=int, default=600, help="pre-training optimiser steps")
+    p.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (best validation epoch kept)")
+    p.add_argument("--min-steps", type=int, default=200, help="minimum fine-tuning optimiser steps")
+    p.add_argument("--pretrain-steps", type=int, default=400, help="pre-training optimiser steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--embed-dim", type=int, default=32)
     p.add_argument("--tensor-embed", type=int, default=16, help="encoder width with inner=tensor")
