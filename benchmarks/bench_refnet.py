@@ -313,14 +313,6 @@ def run_knn(datasets: Sequence[str] = ("rosmap", "digits"), seeds: Sequence[int]
     return out
 
 
-def _arrays(loader) -> Tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for batch in loader:
-        xs.append(torch.cat([torch.flatten(x.float(), 1) for x in batch[:-1]], dim=1))
-        ys.append(batch[-1].reshape(-1).long())
-    return torch.cat(xs).numpy(), torch.cat(ys).numpy()
-
-
 def run_reference(datasets: Sequence[str] = ("rosmap", "digits"), settings: SettingsArg = None,
                   rosmap_path: Optional[Path] = None, C: float = 0.05) -> Dict[str, Any]:
     """No-deep-learning reference on the same splits: scikit-learn logistic regression
@@ -330,22 +322,17 @@ def run_reference(datasets: Sequence[str] = ("rosmap", "digits"), settings: Sett
     Returns:
         ``{"C": C, "results": {dataset: {"logreg": {metric: {mean, std, n}}}}}``.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    from multizoo_ext.metrics import compute_metrics
+    from multizoo_ext.runner.baselines import loader_arrays, logistic_regression
 
     out: Dict[str, Any] = {"C": C, "results": {}}
     for ds in datasets:
         s = settings_for(ds, settings)
         train_dl, _, test_dl = _data(ds, 0, s, rosmap_path)
-        xtr, ytr = _arrays(train_dl)
-        xte, yte = _arrays(test_dl)
-        scaler = StandardScaler().fit(xtr)
         t0 = time.perf_counter()
-        clf = LogisticRegression(C=C, max_iter=5000).fit(scaler.transform(xtr), ytr)
-        logp = torch.from_numpy(clf.predict_log_proba(scaler.transform(xte))).float()  # softmax(log p) = p
-        m = compute_metrics("classification", torch.from_numpy(yte), logp)
+        train_xy = loader_arrays(train_dl)
+        fit = logistic_regression(train_xy, loader_arrays(test_dl), "classification",
+                                  n_out=int(train_xy[1].max()) + 1, cs=(C,), max_iter=5000)
+        m = fit["test"]
         row = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"], "auroc": m["auroc"],
                "seconds": time.perf_counter() - t0}
         out["results"][ds] = {"logreg": {k: _mean_std([v]) for k, v in row.items()}}
