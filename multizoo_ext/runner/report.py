@@ -131,6 +131,9 @@ def _settings_line(cfg: BenchmarkConfig) -> str:
         line += (" Baselines: the same encoder + head on each modality alone (best by validation), and "
                  f"logistic regression on standardised concatenated features with C in "
                  f"{{{', '.join(f'{c:g}' for c in cfg.logreg_cs)}}} chosen on validation.")
+    if cfg.sweep:
+        axes = "; ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in cfg.sweep.items())
+        line += f" Sweep: {axes} (every combination is its own row, labelled [setting=value])."
     return line + " Peak memory on CPU: growth of the process's max RSS (approximate).\n"
 
 

@@ -50,7 +50,8 @@ RUN_KEYS = (
     "method",             # fusion registry name, or "best-single-modality" / "logreg"
     "kind",               # "fusion" or "baseline"
     "seed",               # seed of the data split, initial weights and data order
-    "variant",            # the sweep point's label ("" without a sweep)
+    "variant",            # the sweep point's label ("" without a sweep); not in the run files, where
+                          # one run can serve several sweep points that leave its settings unchanged
     "task",               # "classification", "multilabel" or "regression"
     "status",             # "ok" (or "failed", with "error", when fail_fast is off)
     "config_hash",        # hash of "config" (resume key, part of the run file's name)
@@ -288,12 +289,13 @@ def execute(run: RunSpec, store: ResultsStore, device: torch.device) -> Tuple[Di
         config_hash = settings_hash(settings)
         result, status = {}, {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     entry = {"dataset": run.dataset, "method": run.method, "kind": "baseline" if run.method in BASELINES else "fusion",
-             "seed": run.seed, "variant": run.variant, "task": spec.task if spec is not None else "unknown",
+             "seed": run.seed, "task": spec.task if spec is not None else "unknown",
              **status, "config_hash": config_hash, "config": settings, **result,
              "torch_threads": torch.get_num_threads(), "device": str(device), "version": __version__,
              "finished_at": datetime.now(timezone.utc).isoformat(timespec="microseconds")}
     entry = jsonable(entry)
     store.put(entry)
+    entry = {**entry, "variant": run.variant}
     if entry["status"] == "ok":
         headline = TABLE_METRICS[entry["task"]][0]
         logger.info("%s / %s / seed %d: test %s %.4f (%.1fs)", run.dataset, run.method, run.seed, headline,
