@@ -163,12 +163,12 @@ def format_markdown(summary: Sequence[Dict[str, Any]], config: Optional[Benchmar
             lines.append("| " + " | ".join(vals) + " |")
         refs = [r for r in references if r["dataset"] == dataset]
         for i, ref in enumerate(refs, 1):
-            vals = [f"{ref['method']} (reference [{i}])", "published"]
+            vals = [f"{ref['method']} (reference [{i}])", "reference"]
             vals += [f"{ref['metrics'][k]:.4f}" if k in ref["metrics"] else "-" for k in keys] + ["-", "-", "-"]
             lines.append("| " + " | ".join(vals) + " |")
         parts.append("\n".join(lines) + "\n")
         if refs:
-            parts.append("References (published numbers, not run here; other splits and settings may differ): "
+            parts.append("References (numbers from elsewhere, not run here; their splits and settings may differ): "
                          + "; ".join(f"[{i}] {ref['source']}" for i, ref in enumerate(refs, 1)) + "\n")
         robust = [r for r in rows if r["relative_robustness"]]
         if robust:
@@ -229,6 +229,7 @@ def make_plots(summary: Sequence[Dict[str, Any]], out_dir: Path,
         fig = Figure(figsize=(max(3.2, 0.55 * n + 1.2) * len(keys) + 1, 3.8), layout="constrained")
         axes = fig.subplots(1, len(keys), squeeze=False)[0]
         labels = [_short_label(r) for r in rows] + [f"{r['method']} (ref.)" for r in refs]
+        labels = [label if len(label) <= 32 else label[:31] + "…" for label in labels]
         for ax, key in zip(axes, keys):
             means = [r["metrics"].get(key, (math.nan, math.nan))[0] for r in rows]
             stds = [r["metrics"].get(key, (math.nan, math.nan))[1] for r in rows]

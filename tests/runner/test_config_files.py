@@ -64,7 +64,7 @@ def test_named_entries_sweep_and_references_in_results_md(grid):
     assert "### digits_std (classification" in md and "### digits_mm (classification" in md
     for lr in ("0.001", "0.003"):
         assert f"| concat [lr={lr}] | 2 |" in md                       # each sweep point is its own row
-    assert "| Published net (reference [1]) | published | 0.9876 |" in md
+    assert "| Published net (reference [1]) | reference | 0.9876 |" in md
     assert "[1] Some Author 2020, Table 1" in md and md.count("(reference [") == 1  # only on digits_std
     assert "Sweep: lr in {0.001, 0.003}" in md
     # the two entries really got different loader settings
