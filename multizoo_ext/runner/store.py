@@ -30,7 +30,7 @@ import re
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from multizoo_ext import __version__
 from multizoo_ext.checkpoint import atomic_write
@@ -86,6 +86,7 @@ class ResultsStore:
         self.folder = Path(folder)
         self.runs_dir = self.folder / "runs"
         self.index_path = self.folder / "results.json"
+        self._cache: Dict[str, Tuple[Tuple[int, int], Dict[str, Any]]] = {}  # name -> ((mtime_ns, size), entry)
         self.folder.mkdir(parents=True, exist_ok=True)
         if not self.runs_dir.exists() and self.index_path.exists():
             self._import_single_file()
@@ -114,11 +115,23 @@ class ResultsStore:
         return entry if entry is not None and entry.get("status") == "ok" else None
 
     def entries(self) -> List[Dict[str, Any]]:
-        """Every readable run file's entry, in a stable order (finish time, then file name)."""
+        """Every readable run file's entry, in a stable order (finish time, then file name).
+        Files unchanged since the last call (same modification time and size) are not read
+        again, so rebuilding the index after each run stays cheap in a large grid."""
         found = []
         for path in sorted(self.runs_dir.glob("*.json")):
+            try:
+                st = path.stat()
+            except OSError:  # replaced or moved meanwhile
+                continue
+            stamp = (st.st_mtime_ns, st.st_size)
+            cached = self._cache.get(path.name)
+            if cached is not None and cached[0] == stamp:
+                found.append(cached[1])
+                continue
             entry = self._read(path)
             if entry is not None:
+                self._cache[path.name] = (stamp, entry)
                 found.append(entry)
         found.sort(key=lambda e: str(e.get("finished_at") or ""))
         return found
