@@ -160,10 +160,10 @@ def format_results(row: Dict[str, Any]) -> str:
 
 
 # --- benchmark subcommand (options and runner live in multizoo_ext/runner/) ---
-def _add_benchmark_parser(sub: Any) -> None:
+def _add_benchmark_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     from multizoo_ext.runner import add_benchmark_arguments
 
-    p = sub.add_parser("benchmark", help="run a grid of fusions x datasets x seeds and print a mean ± std table",
+    p = sub.add_parser("benchmark", parents=list(parents), help="run a grid of fusions x datasets x seeds and print a mean ± std table",
                        description="Train every --fusions on every --datasets for every --seeds with one config "
                                    "(each fusion as its registered recipe says, with your overrides), plus a "
                                    "best-single-modality and a logistic-regression baseline per dataset. Writes one "
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_list = sub.add_parser("list", parents=[verbose],
                             help="list the datasets, fusions, encoders and objectives train accepts")
     p_list.set_defaults(command="list")
-    _add_benchmark_parser(sub)
+    _add_benchmark_parser(sub, [verbose])
     return parser
 
 

@@ -365,6 +365,7 @@ def test_cli_options_become_config():
     assert cfg.objective_kwargs == {"concat": {"ms_weight": 0.1}}
     assert cfg.fusion_lr_mult == {"lowrank": 0.1}
     assert cfg.robustness and not cfg.resume and not cfg.fail_fast and not cfg.baselines
+    assert build_parser().parse_args(["benchmark", "-v", "--quick"]).verbose  # -v after the subcommand too
     plain = options.config_from_args(build_parser().parse_args(["benchmark"]))
     assert plain == BenchmarkConfig(progress=None)  # options left out keep the dataclass defaults
 
