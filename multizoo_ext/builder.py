@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from multizoo_ext.registry import create_encoder, create_fusion
+from multizoo_ext.tasks import default_criterion
 
 
 @dataclass
@@ -115,6 +116,6 @@ def build_model(spec: DataSpec, fusion: str = "concat", encoder: str = "mlp", hi
 
 
 def default_objective(task: str) -> nn.Module:
-    """CrossEntropy / BCEWithLogits / MSE for classification / multilabel / regression."""
-    return {"classification": nn.CrossEntropyLoss, "multilabel": nn.BCEWithLogitsLoss,
-            "regression": nn.MSELoss}[task]()
+    """CrossEntropy / BCEWithLogits / MSE for classification / multilabel / regression
+    (alias of :func:`multizoo_ext.tasks.default_criterion`)."""
+    return default_criterion(task)
