@@ -4,8 +4,9 @@
 - batches: :func:`split_batch` (``[x_1, ..., x_M, y]`` -> inputs, labels) and
   :func:`batch_inputs` (cast, NaN/Inf check, move to the device);
 - loaders: :func:`len_or_none`, :func:`check_loader` (None / empty loaders);
-- arguments: :func:`check_number`, :func:`check_modules`, :func:`check_loop_args` (the
-  numeric rules the benchmark runner applies, checked before any work);
+- arguments: :func:`check_number`, :func:`check_modules`, :func:`check_loop_modules`,
+  :func:`check_loop_args` (the numeric rules the benchmark runner applies), checked before
+  any work;
 - optimisation: :func:`trainable_parameters` (deduplicated, in order);
 - the best epoch: :class:`BestKeeper` keeps the best weights in memory, writes them to the
   checkpoint as soon as an epoch improves (state_dict + JSON config, atomic) and puts them
@@ -50,6 +51,7 @@ __all__ = [
     "batch_inputs",
     "check_loader",
     "check_loop_args",
+    "check_loop_modules",
     "check_modules",
     "check_number",
     "len_or_none",
@@ -167,6 +169,22 @@ def check_modules(named: Sequence[Tuple[str, Any]]) -> None:
             if p.numel() == 0:
                 raise ValueError(f"{name} has a zero-sized parameter {pname!r} of shape {tuple(p.shape)}; "
                                  "every layer width must be >= 1")
+
+
+def check_loop_modules(encoders: Any, fusion: Any, head: Any = None,
+                       additional_optimizing_modules: Any = ()) -> None:
+    """``encoders`` a non-empty list of modules, ``fusion`` (and ``head`` unless None) modules,
+    ``additional_optimizing_modules`` a list of modules; none with a zero-sized parameter
+    (:func:`check_modules`). Raises TypeError / ValueError."""
+    if isinstance(encoders, nn.Module) or not isinstance(encoders, Sequence) or not encoders:
+        raise TypeError(f"encoders must be a non-empty list of modules (one per modality), got "
+                        f"{type(encoders).__name__}")
+    extra = additional_optimizing_modules
+    if isinstance(extra, nn.Module) or not isinstance(extra, Sequence):
+        raise TypeError(f"additional_optimizing_modules must be a list of modules, got {type(extra).__name__}")
+    check_modules([(f"encoders[{i}]", e) for i, e in enumerate(encoders)] + [("fusion", fusion)]
+                  + ([("head", head)] if head is not None else [])
+                  + [(f"additional_optimizing_modules[{i}]", m) for i, m in enumerate(extra)])
 
 
 def check_loop_args(*, total_epochs: Any, lr: Any, weight_decay: Any, patience: Any, clip_val: Any,

@@ -29,7 +29,7 @@ from multizoo_ext.training_structures.loop_utils import (
     batch_inputs,
     check_loader,
     check_loop_args,
-    check_modules,
+    check_loop_modules,
     mean_seconds,
     progress_bar,
     trainable_parameters,
@@ -142,11 +142,7 @@ def pretrain(encoders: Sequence[nn.Module], fusion: nn.Module, train_dataloader,
     """
     check_loop_args(total_epochs=total_epochs, lr=lr, weight_decay=weight_decay, patience=patience,
                     clip_val=clip_val, optimtype=optimtype, seed=seed, save=save)
-    if isinstance(encoders, nn.Module) or not isinstance(encoders, Sequence) or not encoders:
-        raise TypeError(f"encoders must be a non-empty list of modules (one per modality), got "
-                        f"{type(encoders).__name__}")
-    check_modules([(f"encoders[{i}]", e) for i, e in enumerate(encoders)] + [("fusion", fusion)]
-                  + [(f"additional_optimizing_modules[{i}]", m) for i, m in enumerate(additional_optimizing_modules)])
+    check_loop_modules(encoders, fusion, None, additional_optimizing_modules)
     if objective is not None and not callable(objective):
         raise TypeError(f"objective must be a callable (pred, truth, args) -> loss, got {objective!r}")
     dev = resolve_device(device)

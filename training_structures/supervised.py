@@ -41,7 +41,7 @@ from multizoo_ext.training_structures.loop_utils import (
     batch_inputs,
     check_loader,
     check_loop_args,
-    check_modules,
+    check_loop_modules,
     check_number,
     mean_seconds,
     progress_bar,
@@ -190,14 +190,7 @@ def _check_train_args(encoders: Any, fusion: Any, head: Any, additional_optimizi
     check_task(task)
     check_loop_args(**loop_args)
     check_number("fusion_lr_mult", fusion_lr_mult, 0, strict=True)
-    if isinstance(encoders, nn.Module) or not isinstance(encoders, Sequence) or not encoders:
-        raise TypeError(f"encoders must be a non-empty list of modules (one per modality), got "
-                        f"{type(encoders).__name__}")
-    if isinstance(additional_optimizing_modules, nn.Module) or not isinstance(additional_optimizing_modules, Sequence):
-        raise TypeError(f"additional_optimizing_modules must be a list of modules, got "
-                        f"{type(additional_optimizing_modules).__name__}")
-    check_modules([(f"encoders[{i}]", e) for i, e in enumerate(encoders)] + [("fusion", fusion), ("head", head)]
-                  + [(f"additional_optimizing_modules[{i}]", m) for i, m in enumerate(additional_optimizing_modules)])
+    check_loop_modules(encoders, fusion, head, additional_optimizing_modules)
     if not callable(objective):
         raise TypeError(f"objective must be a loss module or a callable (pred, truth, args), got {objective!r}")
     if objective_args_dict is not None and not isinstance(objective_args_dict, MutableMapping):
