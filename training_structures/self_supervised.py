@@ -63,9 +63,9 @@ class PretrainResult:
 def _run_epoch(model: MMDL, loader, objective, n_mod: int, is_packed: bool, input_to_float: bool,
                dev: torch.device, check_inputs: bool, optimizer=None, clip_val: float = 8.0,
                extra_params: Sequence[nn.Parameter] = (), *, split: str = "train",
-               on_nonfinite: Optional[Callable[[float, int], None]] = None) -> float:
+               on_nonfinite: Optional[Callable[[float, str, int], None]] = None) -> float:
     """One pass over ``loader`` (training when ``optimizer`` is given); mean loss per sample.
-    ``on_nonfinite(value, batch)`` is called (and must raise) when the loss is NaN/Inf."""
+    ``on_nonfinite(value, where, batch)`` is called (and should raise) when the loss is NaN/Inf."""
     training = optimizer is not None
     model.train(training)
     total, n = 0.0, 0
@@ -87,7 +87,7 @@ def _run_epoch(model: MMDL, loader, objective, n_mod: int, is_packed: bool, inpu
             value = loss.detach().item()
             if not math.isfinite(value):
                 if on_nonfinite is not None:
-                    on_nonfinite(value, i)
+                    on_nonfinite(value, where, i)
                 raise FloatingPointError(f"{where}: pre-training loss became {value}; lower the learning rate or "
                                          "check inputs")
             if training:
@@ -171,10 +171,10 @@ def pretrain(encoders: Sequence[nn.Module], fusion: nn.Module, train_dataloader,
     bar = progress_bar(range(total_epochs), "pre-training", progress)
     bad = 0
     for epoch in bar:
-        def stop(value: float, batch: int, _epoch: int = epoch) -> None:
+        def stop(value: float, where: str, batch: int, _epoch: int = epoch) -> None:
             bar.close()
             finish()
-            raise NonFiniteLossError(f"pre-training loss became {value} at epoch {_epoch}, train batch {batch}; "
+            raise NonFiniteLossError(f"pre-training loss became {value} at {where}; "
                                      f"training stopped and {keeper.describe()}; lower the learning rate or "
                                      f"check the inputs", result, _epoch, batch)
 
@@ -185,7 +185,7 @@ def pretrain(encoders: Sequence[nn.Module], fusion: nn.Module, train_dataloader,
                                        split=f"epoch {epoch}, train", on_nonfinite=stop)
         if valid_dataloader is not None:
             row["valid_loss"] = _run_epoch(model, valid_dataloader, objective, n_mod, is_packed, input_to_float,
-                                           dev, check_inputs, split=f"epoch {epoch}, valid")
+                                           dev, check_inputs, split=f"epoch {epoch}, valid", on_nonfinite=stop)
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         score = row.get("valid_loss", -epoch)  # without validation, keep the last epoch
