@@ -30,8 +30,7 @@ Every solver finds ``z*`` with ``z* = f(z*)`` and shares one signature::
   evaluate ``f`` only on the unfinished ones. ``f`` is then called as ``f(z_sub, index)``
   with ``index`` ``(b,)`` int64, the batch positions of the rows of ``z_sub`` (a DEQ layer
   uses it to pick the matching injections). Worth it when samples converge at different
-  speeds (at random init the DEQ fusion's samples need 20 to 55+ iterations); it costs a
-  host sync per check and a copy of the solver's history per compaction.
+  speeds; it costs a host sync per check and a copy of the solver's history per compaction.
 
 ``info`` (a dict, all tensors on ``z0``'s device, detached):
     ``steps`` (B,) int64: evaluations of ``f`` up to the returned iterate (1 = ``z0``);
