@@ -192,11 +192,13 @@ class _FusionMap:
         return _group_norm(torch.addmm(inj_f, z_f * a, self.wft).relu_(), self.groups, *self.gnf, self.eps)
 
     def __call__(self, z: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The whole map, 2 then 3: ``z`` (b, (M + 1) d) -> ``f(z)`` (b, (M + 1) d)."""
         M, d = self.M, self.d
         b = z.shape[0]
         z_m, z_f = z.split([M * d, d], dim=1)                                        # (b, M d), (b, d)
         z_m = self.modalities(z_m, index)                                             # z_i', (b, M d)
-        a = F.linear(z_m.view(b, M, d).sum(1) + M * z_f, self.wg, self.bg)           # gate sum, (b, d)
+        # gate sum a = sum_i W_g(z_i' + z_f) = W_g(sum_i z_i' + M z_f) + M b_g: one product
+        a = F.linear(z_m.view(b, M, d).sum(1) + M * z_f, self.wg, self.bg)           # (b, d)
         return torch.cat([z_m, self.fused(z_f, a, self._rows(index)[1])], 1)         # (b, (M + 1) d)
 
     def stage(self, k: int, states: Sequence[torch.Tensor],
