@@ -33,24 +33,36 @@ def _kv(text: str) -> Dict[str, Any]:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from multizoo_ext.builder import DEFAULT_EMBED_DIM, DEFAULT_ENCODER, DEFAULT_HIDDEN, ENCODER_CHOICES, PLAIN_OBJECTIVE
+    from multizoo_ext.registry import list_objectives
+
     p.add_argument("--dataset", default="digits", choices=list_datasets(),
                    help="registered dataset (default: digits, bundled with scikit-learn, no download)")
     p.add_argument("--data-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                   help="extra keyword for the dataset's get_dataloader, e.g. --data-arg path=../shared/data/ROSMAP "
+                   help="extra keyword for the dataset's get_dataloader, e.g. --data-arg path=data/ROSMAP "
                         "(repeatable)")
     p.add_argument("--fusion", default="concat", choices=list_fusions(), help="registered fusion (default: concat)")
     p.add_argument("--fusion-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                   help="extra keyword for the fusion's constructor, e.g. --fusion-arg rank=8 (repeatable)")
-    p.add_argument("--encoder", default="mlp", choices=["mlp", "identity"],
-                   help="per-modality encoder: an MLP to --embed-dim, or identity (default: mlp)")
-    p.add_argument("--hidden", type=int, default=64, help="encoder hidden width (default: 64)")
-    p.add_argument("--embed-dim", type=int, default=32, help="encoder output width (default: 32)")
+                   help="extra keyword for the fusion's constructor, e.g. --fusion-arg rank=8 (repeatable; "
+                        "null passes None)")
+    p.add_argument("--objective", default=None, choices=[PLAIN_OBJECTIVE] + list_objectives(),
+                   help="objective factory; default: the one the fusion's recipe names (refnet -> refnet, "
+                        f"deq -> deq, others: the task's plain loss); '{PLAIN_OBJECTIVE}' forces the plain loss")
+    p.add_argument("--objective-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="extra keyword for the objective factory, e.g. --objective-arg ms_weight=0 (repeatable)")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER, choices=list(ENCODER_CHOICES),
+                   help=f"per-modality encoder: an MLP to --embed-dim, or identity (default: {DEFAULT_ENCODER})")
+    p.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN,
+                   help=f"encoder hidden width (default: {DEFAULT_HIDDEN})")
+    p.add_argument("--embed-dim", type=int, default=DEFAULT_EMBED_DIM,
+                   help=f"encoder output width (default: {DEFAULT_EMBED_DIM})")
     p.add_argument("--epochs", type=int, default=20, help="maximum training epochs (default: 20)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of AdamW (default: 1e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default: 1e-2)")
-    p.add_argument("--fusion-lr-mult", type=float, default=1.0,
-                   help="learning-rate multiplier for the fusion (DEQ's reference uses 0.1; default: 1.0)")
+    p.add_argument("--fusion-lr-mult", type=float, default=None,
+                   help="learning-rate multiplier for the fusion (default: the fusion's recipe: 0.1 for deq, "
+                        "1 for the others)")
     p.add_argument("--early-stop", action="store_true", help="stop after 8 epochs without validation gain")
     p.add_argument("--seed", type=int, default=0, help="random seed for data order and weights (default: 0)")
     p.add_argument("--device", default=None,
@@ -60,31 +72,42 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _merged(pairs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    return {k: v for d in pairs for k, v in d.items()}
+
+
 def run_train(args: argparse.Namespace) -> Dict[str, Any]:
-    """Train one model as the CLI's ``train`` does; return the results row (a dict)."""
-    from multizoo_ext.builder import build_model, default_objective, infer_data_spec
+    """Train one model as the CLI's ``train`` does; return the results row (a dict).
+
+    The method (fusion, objective, learning-rate multiplier) comes from
+    :func:`multizoo_ext.builder.build_method`, the builder the benchmark runner uses too, so
+    ``train --fusion X`` trains X as its registered recipe says.
+    """
+    from multizoo_ext.builder import build_method, infer_data_spec
     from multizoo_ext.training_structures.supervised import test, train
     from multizoo_ext.utils import seed_everything
 
     seed_everything(args.seed)
-    data_kwargs = {k: v for d in args.data_arg for k, v in d.items()}
+    data_kwargs = _merged(args.data_arg)
     train_dl, valid_dl, test_dl = create_dataset(args.dataset, batch_size=args.batch_size, seed=args.seed,
                                                  **data_kwargs)
     spec = infer_data_spec(train_dl)
-    fusion_kwargs = {k: v for d in args.fusion_arg for k, v in d.items()}
-    encoders, fusion, head = build_model(spec, args.fusion, args.encoder, args.hidden, args.embed_dim, fusion_kwargs)
+    method = build_method(spec, args.fusion, encoder=args.encoder, hidden=args.hidden, embed_dim=args.embed_dim,
+                          fusion_kwargs=_merged(args.fusion_arg), objective=args.objective,
+                          objective_kwargs=_merged(args.objective_arg), fusion_lr_mult=args.fusion_lr_mult)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    res = train(encoders, fusion, head, train_dl, valid_dl, args.epochs, early_stop=args.early_stop,
-                task=spec.task, optimtype=torch.optim.AdamW, lr=args.lr, weight_decay=args.weight_decay,
-                objective=default_objective(spec.task), save=str(out / "best.pt"), device=args.device,
-                fusion_lr_mult=args.fusion_lr_mult, seed=args.seed, progress=not args.quiet,
-                config={"dataset": args.dataset, "fusion_name": args.fusion, "fusion_kwargs": fusion_kwargs,
-                        "data_kwargs": data_kwargs, "seed": args.seed, "version": __version__})
+    res = train(method.encoders, method.fusion, method.head, train_dl, valid_dl, args.epochs,
+                early_stop=args.early_stop, task=spec.task, optimtype=torch.optim.AdamW, lr=args.lr,
+                weight_decay=args.weight_decay, save=str(out / "best.pt"), device=args.device, seed=args.seed,
+                progress=not args.quiet, **method.train_kwargs(),
+                config={"dataset": args.dataset, "data_kwargs": data_kwargs, "seed": args.seed,
+                        "method": method.settings, "lr": args.lr, "weight_decay": args.weight_decay,
+                        "batch_size": args.batch_size, "version": __version__})
     metrics = test(res.model, test_dl, task=spec.task, no_robust=True, full=True, device=args.device)
     row = {"dataset": args.dataset, "fusion": args.fusion, "task": spec.task, "seed": args.seed,
-           "epochs_run": len(res.history), "best_epoch": res.best_epoch,
+           "method": method.settings, "epochs_run": len(res.history), "best_epoch": res.best_epoch,
            "seconds_per_epoch": res.seconds_per_epoch, "parameters": res.parameters,
            "total_seconds": time.perf_counter() - t0, "test": metrics, "history": res.history}
     (out / "results.json").write_text(json.dumps(row, indent=2))

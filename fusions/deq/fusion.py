@@ -41,7 +41,7 @@ from multizoo_ext.fusions.deq.backward import (
 )
 from multizoo_ext.fusions.deq.solvers import Solver, get_solver
 from multizoo_ext.fusions.deq.staged import solve_staged
-from multizoo_ext.registry import register_fusion
+from multizoo_ext.registry import Recipe, register_fusion
 from multizoo_ext.validation import check_modalities, check_widths
 
 __all__ = ["DEQ_DEFAULTS", "DEQDefaults", "DEQFusion", "find_deq"]
@@ -240,7 +240,10 @@ def _solver_name(solver: Union[str, Solver]) -> str:
     return solver.lower() if isinstance(solver, str) else getattr(solver, "__name__", type(solver).__name__)
 
 
-@register_fusion("deq")
+#: DEQ fusion trains with its Jacobian penalty (``jac_reg=True``, the constructor's default)
+#: added by ``multizoo_ext.objectives.deq_objective`` (weight 0.1), and the fusion's parameters
+#: at 0.1 x the learning rate, as the authors' MM-IMDB script does.
+@register_fusion("deq", recipe=Recipe(objective="deq", fusion_lr_mult=0.1))
 class DEQFusion(nn.Module):
     """Deep Equilibrium fusion: the fused state of the fixed point ``z* = f_theta(z*; x)``
     (``f_theta``: :class:`_FusionMap`).
@@ -559,7 +562,7 @@ class DEQFusion(nn.Module):
         msg = ("DEQFusion computed a Jacobian penalty that no objective used; train with "
                "multizoo_ext.objectives.deq_objective(...) or build DEQFusion(jac_reg=False)")
         logger.warning(msg)
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        warnings.warn(msg, RuntimeWarning, stacklevel=5)
 
     # ------------------------------------------------------------------ convergence
     def _record_convergence(self, info: Mapping[str, Any]) -> None:
