@@ -92,14 +92,15 @@ DEFAULT_ENCODER = "mlp"
 DEFAULT_HIDDEN = 64
 DEFAULT_EMBED_DIM = 32
 #: Encoders :func:`build_encoders` can size from a dataset's layout alone.
-ENCODER_CHOICES = ("mlp", "identity")
+ENCODER_CHOICES = ("mlp", "maxout_mlp", "identity")
 #: ``objective=`` value that asks for the task's plain criterion whatever the recipe says.
 PLAIN_OBJECTIVE = "default"
 
 
 def build_encoders(spec: DataSpec, encoder: str = DEFAULT_ENCODER, hidden: int = DEFAULT_HIDDEN,
                    embed_dim: int = DEFAULT_EMBED_DIM) -> List[nn.Module]:
-    """One encoder per modality: "mlp" (flatten -> MLP(d, hidden, embed_dim)) or "identity"
+    """One encoder per modality: "mlp" (flatten -> MLP(d, hidden, embed_dim)), "maxout_mlp"
+    (flatten -> MaxOut_MLP(embed_dim, hidden, d), MultiBench's MM-IMDB encoder) or "identity"
     (flatten only)."""
     if encoder not in ENCODER_CHOICES:
         raise ValueError(f"encoder must be one of {ENCODER_CHOICES}, got {encoder!r}")
@@ -111,7 +112,10 @@ def build_encoders(spec: DataSpec, encoder: str = DEFAULT_ENCODER, hidden: int =
         if encoder == "identity":
             encs.append(Flatten(d))
         else:
-            mod = create_encoder(encoder, indim=d, hiddim=hidden, outdim=embed_dim)
+            if encoder == "maxout_mlp":
+                mod = create_encoder(encoder, num_outputs=embed_dim, first_hidden=hidden, number_input_feats=d)
+            else:
+                mod = create_encoder(encoder, indim=d, hiddim=hidden, outdim=embed_dim)
             seq = nn.Sequential(Flatten(d), mod)
             seq.out_dim = mod.out_dim  # type: ignore[attr-defined]
             encs.append(seq)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -67,8 +69,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed for data order and weights (default: 0)")
     p.add_argument("--device", default=None,
                    help="'cpu', 'cuda', 'cuda:1', ... (default: cuda if available, else cpu)")
-    p.add_argument("--output", default="runs/train", help="folder for best.pt, best.json and results.json "
-                                                          "(default: runs/train)")
+    p.add_argument("--output", default=None,
+                   help="folder for best.pt, best.json and results.json (default: a new folder "
+                        "runs/train/DATASET-FUSION-sSEED-TIME per run); an existing run there is kept unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -84,6 +88,7 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
     ``train --fusion X`` trains X as its registered recipe says.
     """
     from multizoo_ext.builder import build_method, infer_data_spec
+    from multizoo_ext.runs import new_run_dir, prepare_output
     from multizoo_ext.training_structures.supervised import test, train
     from multizoo_ext.utils import seed_everything
 
@@ -95,8 +100,9 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
     method = build_method(spec, args.fusion, encoder=args.encoder, hidden=args.hidden, embed_dim=args.embed_dim,
                           fusion_kwargs=_merged(args.fusion_arg), objective=args.objective,
                           objective_kwargs=_merged(args.objective_arg), fusion_lr_mult=args.fusion_lr_mult)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(args.output or new_run_dir("runs/train", f"{args.dataset}-{args.fusion}-s{args.seed}"),
+                         overwrite=args.overwrite)
+    args.output = str(out)
     t0 = time.perf_counter()
     res = train(method.encoders, method.fusion, method.head, train_dl, valid_dl, args.epochs,
                 early_stop=args.early_stop, task=spec.task, optimtype=torch.optim.AdamW, lr=args.lr,
@@ -114,10 +120,39 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
     return row
 
 
+_SHOWN = {"classification": ["accuracy", "f1_macro", "auroc"], "multilabel": ["f1_micro", "f1_macro", "auroc"],
+          "regression": ["mse", "mae"]}
+
+
+def _add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a folder written by 'multizoo-ext train' (best.pt + best.json)")
+    p.add_argument("--dataset", default=None, choices=list_datasets(),
+                   help="dataset to score on (default: the one the run was trained on, same split)")
+    p.add_argument("--data-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="extra keyword for the dataset's get_dataloader (repeatable)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the run's)")
+    p.add_argument("--seed", type=int, default=None, help="split seed (default: the run's)")
+    p.add_argument("--device", default=None, help="'cpu', 'cuda', ... (default: cpu)")
+
+
+def run_evaluate(args: argparse.Namespace) -> str:
+    """Rebuild a saved run and score it; return a Markdown table of the test metrics."""
+    from multizoo_ext.runs import evaluate_run, load_model
+
+    run = load_model(args.run_dir)
+    metrics = evaluate_run(args.run_dir, args.dataset, _merged(args.data_arg), args.batch_size, args.seed,
+                           args.device)
+    task = run.config["method"]["spec"]["task"]
+    keys = [k for k in _SHOWN[task] if k in metrics]
+    head = ["run", "dataset"] + [f"test {k}" for k in keys] + ["n"]
+    vals = [str(run.path), args.dataset or str(run.config.get("dataset"))] + [f"{metrics[k]:.4f}" for k in keys] + [
+        str(metrics.get("n", ""))]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(vals) + " |"])
+
+
 def format_results(row: Dict[str, Any]) -> str:
     """A Markdown table of the test metrics, time per epoch and parameter count."""
-    keys = {"classification": ["accuracy", "f1_macro", "auroc"], "multilabel": ["f1_micro", "f1_macro", "auroc"],
-            "regression": ["mse", "mae"]}[row["task"]]
+    keys = _SHOWN[row["task"]]
     head = ["dataset", "fusion"] + [f"test {k}" for k in keys] + ["s/epoch", "epochs", "parameters"]
     vals = [row["dataset"], row["fusion"]] + [f"{row['test'][k]:.4f}" for k in keys] + [
         f"{row['seconds_per_epoch']:.3f}", str(row["epochs_run"]), f"{row['parameters']:,}"]
@@ -174,18 +209,46 @@ def _run_bench_command(args: argparse.Namespace) -> int:
     return run_script(args.script, args.script_args, prog=f"multizoo-ext bench {args.script}")
 
 
+#: What a user's input can raise on its way through a command: reported in one line, exit 2.
+_USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError, zipfile.BadZipFile,
+                pickle.UnpicklingError)
+
+
+def _guarded(command: Any, args: argparse.Namespace) -> Any:
+    """Run ``command(args)``; a user error becomes one line on stderr (and None); -v also
+    logs its traceback."""
+    try:
+        return command(args)
+    except _USER_ERRORS as exc:
+        if getattr(args, "verbose", False):
+            logger.info("traceback of the error below", exc_info=True)
+        text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"error: {text or type(exc).__name__}", file=sys.stderr)
+        return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multizoo-ext",
         description="ReFNet and DEQ fusion for MultiBench-style multimodal experiments.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each epoch")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each epoch (also after the command)")
+    verbose = argparse.ArgumentParser(add_help=False)  # so -v works after the subcommand too
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log each epoch, and show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p_train = sub.add_parser("train", help="train one fusion on one dataset and print a results table",
-                             description="Train encoders + a fusion + a head, select the best epoch on the "
-                                         "validation split, and report test metrics.")
+    p_train = sub.add_parser("train", parents=[verbose],
+                             help="train one fusion on one dataset and print a results table",
+                             description="Train encoders + a fusion + a head as the fusion's registered recipe "
+                                         "says (its objective and fusion learning rate), select the best epoch on "
+                                         "the validation split, and report test metrics.")
     _add_train_args(p_train)
-    p_list = sub.add_parser("list", help="list registered datasets, fusions, encoders and objectives")
+    p_eval = sub.add_parser("evaluate", parents=[verbose], help="rebuild a saved run and score it on a dataset",
+                            description="Rebuild the model a 'multizoo-ext train' folder records, load its best "
+                                        "weights (weights_only) and print its test metrics.")
+    _add_evaluate_args(p_eval)
+    p_list = sub.add_parser("list", parents=[verbose],
+                            help="list the datasets, fusions, encoders and objectives train accepts")
     p_list.set_defaults(command="list")
     _add_benchmark_parser(sub)
     _add_bench_parser(sub)
@@ -200,19 +263,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "list":
+        from multizoo_ext.builder import ENCODER_CHOICES, PLAIN_OBJECTIVE
         from multizoo_ext.registry import list_encoders, list_objectives
         for kind, names in [("datasets", list_datasets()), ("fusions", list_fusions()),
-                            ("encoders", list_encoders()), ("objectives", list_objectives())]:
+                            ("encoders", list(ENCODER_CHOICES)), ("objectives", [PLAIN_OBJECTIVE] + list_objectives())]:
             print(f"{kind}: {', '.join(names)}")
+        others = [n for n in list_encoders() if n not in ENCODER_CHOICES]
+        print(f"(also registered for the Python API, for sequence and image inputs: {', '.join(others)})")
         return 0
     if args.command == "train":
-        try:
-            row = run_train(args)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        row = _guarded(run_train, args)
+        if row is None:
             return 2
         print(format_results(row))
         print(f"\nweights and results in {args.output}/ (best.pt, best.json, results.json)")
+        return 0
+    if args.command == "evaluate":
+        table = _guarded(run_evaluate, args)
+        if table is None:
+            return 2
+        print(table)
         return 0
     if args.command == "benchmark":
         return _run_benchmark_command(args)
