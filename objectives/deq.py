@@ -7,10 +7,10 @@
 
 where ``jac_loss`` is the Hutchinson estimate of ``||J_f(z*)||_F^2 / numel`` that a
 :class:`~multizoo_ext.fusions.deq.DEQFusion` built with ``jac_reg=True`` computes in each
-training forward, read with its ``take_jacobian_penalty(batch_size)``. The DEQ module is found in ``args['deq']`` when
-the caller put it there, else in ``args['model']`` (MultiBench's MMDL: its ``.fuse`` and
-that module's children first, so a DEQFusion wrapped by e.g. ``ReFNet(...).fusion`` is found,
-then the whole model).
+training forward, read with its ``take_jacobian_penalty(batch_size)``. The DEQ module is
+found in ``args['deq']`` when the caller put it there, else in ``args['model']``
+(MultiBench's MMDL: its ``.fuse`` and that module's children first, so a DEQFusion wrapped
+by e.g. ``ReFNet(...).fusion`` is found, then the whole model).
 
 Reference weights: 0.1 on MM-IMDB, 20 on BRCA, 0.01 on MOSI.
 
