@@ -83,7 +83,7 @@ from torch.nn import functional as F
 
 import multizoo_ext.fusions
 from multizoo_ext.fusions.deq import DEQ_DEFAULTS, DEQFusion
-from multizoo_ext.fusions.deq_solvers import anderson, fixed_point_iter
+from multizoo_ext.fusions.deq.solvers import anderson, fixed_point_iter
 
 logger = logging.getLogger("bench_deq")
 
@@ -987,8 +987,8 @@ def environment(threads: int) -> Dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     files = {}
-    for rel in ("fusions/deq.py", "fusions/deq_solvers.py", "fusions/deq_backward.py", "fusions/deq_staged.py"):
-        fp = FUSIONS_DIR / Path(rel).name
+    for rel in ("fusions/deq/fusion.py", "fusions/deq/solvers.py", "fusions/deq/backward.py", "fusions/deq/staged.py"):
+        fp = FUSIONS_DIR / Path(rel).relative_to("fusions")
         if fp.is_file():
             files[rel] = hashlib.sha1(fp.read_bytes()).hexdigest()[:10]
     return {"torch": torch.__version__, "python": platform.python_version(), "threads": threads,
