@@ -64,7 +64,7 @@ from multizoo_ext.fusions.deq_backward import (
 )
 from multizoo_ext.fusions.deq_solvers import get_solver
 from multizoo_ext.fusions.deq_staged import solve_staged
-from multizoo_ext.registry import register_fusion
+from multizoo_ext.registry import Recipe, register_fusion
 from multizoo_ext.validation import check_modalities, check_widths
 
 __all__ = ["DEQ_DEFAULTS", "DEQDefaults", "DEQFusion", "find_deq"]
@@ -282,7 +282,10 @@ class _FusedStage:
         return self.fmap._fuse(z_f, a, inj_f)
 
 
-@register_fusion("deq")
+#: DEQ fusion trains with its Jacobian penalty (``jac_reg=True``, the constructor's default)
+#: added by ``multizoo_ext.objectives.deq_objective`` (weight 0.1), and the fusion's parameters
+#: at 0.1 x the learning rate, as the authors' MM-IMDB script does.
+@register_fusion("deq", recipe=Recipe(objective="deq", fusion_lr_mult=0.1))
 class DEQFusion(nn.Module):
     """Deep Equilibrium fusion: the fused state of the fixed point ``z* = f_theta(z*; x)``.
 
@@ -306,7 +309,7 @@ class DEQFusion(nn.Module):
         unroll_steps: iterations of the unrolled mode. Default: ``f_max_iter``.
         jac_reg: compute the Hutchinson Jacobian penalty ``||J_f(z*)||_F^2 / numel`` in
             training (kept as ``self.jac_loss`` for the objective, see
-            ``multizoo_ext.objectives.deq``). Default: False.
+            ``multizoo_ext.objectives.deq``). Default: True (the recipe the method trains with).
         jac_vectors: random vectors of the estimate. Default: 2 (reference).
         compact: let the forward and backward solvers drop converged samples from their
             working batch. Default: True.
@@ -356,7 +359,7 @@ class DEQFusion(nn.Module):
                  f_tol: float = DEQ_DEFAULTS.f_tol, b_tol: float = DEQ_DEFAULTS.b_tol,
                  stop_mode: str = DEQ_DEFAULTS.stop_mode, backward: str = DEQ_DEFAULTS.backward,
                  phantom_steps: int = DEFAULT_PHANTOM_STEPS, phantom_tau: float = DEFAULT_PHANTOM_TAU,
-                 unroll_steps: Optional[int] = None, jac_reg: bool = False,
+                 unroll_steps: Optional[int] = None, jac_reg: bool = True,
                  jac_vectors: int = DEFAULT_JAC_VECTORS, compact: bool = DEQ_DEFAULTS.compact,
                  staged: bool = DEQ_DEFAULTS.staged, staged_backward: bool = DEQ_DEFAULTS.staged_backward,
                  implicit_max_residual: Optional[float] = DEQ_DEFAULTS.implicit_max_residual,
