@@ -165,3 +165,14 @@ def test_one_width_validator_for_every_fusion(cls, dims, err, match):
     with pytest.raises(err, match=rf"{cls.__name__}: {match}"):
         cls(dims)
     assert check_input_dims([5.0, 7], "X") == [5, 7]
+
+
+def test_finite_inputs_whose_sum_overflows_are_accepted():
+    """The NaN/Inf probe is a sum; a sum that overflows on finite values must not be refused."""
+    xs = [torch.full((4, 3), 3e38), torch.full((4, 4), -3e38)]
+    assert torch.equal(Concat([3, 4])(xs), torch.cat(xs, 1))
+    xs[1][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"modality \[1\] contain NaN/Inf"):
+        Concat([3, 4])(xs)
+    half = [torch.full((2, 3), 6e4, dtype=torch.float16), torch.full((2, 4), 6e4, dtype=torch.float16)]
+    assert Concat()(half).dtype == torch.float16
