@@ -41,6 +41,20 @@ def config_path(path: PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(binary_file)`` on a temp file in ``path``'s folder, then ``os.replace`` it onto
     ``path``: an interruption leaves the old file or the new one, never half of one."""
@@ -53,6 +67,7 @@ def atomic_write(path: Path, write) -> None:
             os.fchmod(fh.fileno(), _file_mode())  # mkstemp's 0o600 -> the usual 0o644
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
