@@ -24,7 +24,7 @@ BUILDERS = {
     "TensorFusion": lambda dims: TensorFusion(dims),
     "LowRankTensorFusion": lambda dims: LowRankTensorFusion(dims, 4, 2),
     "TransformerFusion": lambda dims: TransformerFusion(dims, d_model=8, nhead=2, num_layers=1).eval(),
-    "ReFNet": lambda dims: ReFNet(LowRankTensorFusion(dims, 4, 2), dims),
+    "ReFNet": lambda dims: ReFNet(LowRankTensorFusion(dims, 4, 2), dims).eval(),
 }
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64]
 
@@ -161,3 +161,55 @@ def test_batch_of_one_and_zero_are_served(name):
     for b in (0, 1):
         out = fusion([torch.randn(b, 3), torch.randn(b, 2)])
         assert out.shape == (b, fusion.out_dim)
+
+
+@st.composite
+def affect_files(draw):
+    n = draw(st.integers(0, 5))
+    t = draw(st.integers(1, 4))
+    fault = draw(st.sampled_from(["none", "nan", "inf", "missing_key", "rows", "flat", "label_nan"]))
+    proto = draw(st.sampled_from([2, 4, 5]))
+    return n, t, fault, proto, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=25, deadline=None)
+@given(affect_files())
+def test_affect_pickles_load_finite_or_raise(case):
+    import pickle
+
+    from multizoo_ext.datasets.affect import get_dataloader as affect_loaders
+
+    n, t, fault, proto, seed = case
+    rng = np.random.default_rng(seed)
+
+    def split():
+        d = {k: rng.normal(size=(n, t, w)) for k, w in (("vision", 2), ("audio", 3), ("text", 2))}
+        d["labels"] = rng.uniform(-3, 3, size=(n, 1, 1))
+        return d
+
+    data = {s: split() for s in ("train", "valid", "test")}
+    if n and fault in ("nan", "inf"):
+        data["valid"]["audio"][0, 0, 0] = np.nan if fault == "nan" else -np.inf  # zeroed, as MultiBench does
+    elif fault == "missing_key":
+        del data["test"]["text"]
+    elif fault == "rows" and n:
+        data["train"]["vision"] = data["train"]["vision"][:-1]
+    elif fault == "flat":
+        data["train"]["audio"] = data["train"]["audio"][:, 0]
+    elif fault == "label_nan" and n:
+        data["train"]["labels"][0] = np.nan
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "affect.pkl"
+        path.write_bytes(pickle.dumps(data, protocol=proto))
+        try:
+            loaders = affect_loaders(path, max_seq_len=3, batch_size=8)
+        except (ValueError, TypeError) as exc:  # DataKeyError is a ValueError
+            assert str(exc)
+            event(f"refused: {fault}")
+            return
+    event(f"served: {fault}")
+    assert n > 0 and fault in ("none", "nan", "inf")
+    for loader in loaders:
+        for batch in loader:
+            assert [tuple(x.shape[1:]) for x in batch[:3]] == [(3, 2), (3, 3), (3, 2)]
+            assert all(bool(torch.isfinite(x).all()) for x in batch)
