@@ -8,6 +8,7 @@ from torch import nn
 
 from multizoo_ext import Recipe, create_dataset, create_fusion, get_recipe, seed_everything
 from multizoo_ext.builder import DataSpec, build_method, infer_data_spec, rebuild_method
+from multizoo_ext.checkpoint import load_checkpoint
 from multizoo_ext.cli import main
 from multizoo_ext.registry import Registry
 from multizoo_ext.fusions import Concat, DEQFusion, ReFNet
@@ -92,7 +93,7 @@ def _initial_refiners(seed: int) -> dict:
 
 def test_cli_train_refnet_trains_the_refiners(tmp_path):
     assert main(["train", "--fusion", "refnet", "--epochs", "1", "--quiet", "--output", str(tmp_path)]) == 0
-    saved = torch.load(tmp_path / "best.pt", weights_only=True)
+    saved, _ = load_checkpoint(tmp_path / "best.pt")
     start = _initial_refiners(0)
     prefix = "fuse.refiners."
     trained = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
