@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from multizoo_ext import __version__
-from multizoo_ext.checkpoint import atomic_write
+from multizoo_ext.checkpoint import _fsync_dir, atomic_write
 from multizoo_ext.runner.config import jsonable
 
 __all__ = ["ResultsStore", "atomic_write_text", "move_aside", "FORMAT"]
@@ -47,25 +47,11 @@ RESULT_FILES = ("runs", "results.json", "results.md", "results.csv", "summary.cs
                 "config.source.toml", "config.source.json")
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # Windows: folders cannot be opened; the rename is durable enough there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` (UTF-8) atomically and durably
-    (:func:`multizoo_ext.checkpoint.atomic_write`: temp file, fsync, rename; then an fsync of
-    the folder). A reader sees the old file or the new one."""
+    (:func:`multizoo_ext.checkpoint.atomic_write`: temp file, fsync, rename, fsync of the
+    folder). A reader sees the old file or the new one."""
     atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
-    _fsync_dir(Path(path).parent)
 
 
 def _safe(text: Any) -> str:
