@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from multizoo_ext import __version__
-from multizoo_ext.registry import create_dataset, list_datasets, list_fusions
+from multizoo_ext.registry import list_datasets, list_fusions
 
 logger = logging.getLogger("multizoo_ext.cli")
 
@@ -87,19 +87,17 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
     :func:`multizoo_ext.builder.build_method`, the builder the benchmark runner uses too, so
     ``train --fusion X`` trains X as its registered recipe says.
     """
-    from multizoo_ext.builder import build_method, infer_data_spec
+    from multizoo_ext.builder import infer_data_spec, seeded_loaders, seeded_method
     from multizoo_ext.runs import new_run_dir, prepare_output
     from multizoo_ext.training_structures.supervised import test, train
-    from multizoo_ext.utils import seed_everything
 
-    seed_everything(args.seed)
     data_kwargs = _merged(args.data_arg)
-    train_dl, valid_dl, test_dl = create_dataset(args.dataset, batch_size=args.batch_size, seed=args.seed,
-                                                 **data_kwargs)
-    spec = infer_data_spec(train_dl)
-    method = build_method(spec, args.fusion, encoder=args.encoder, hidden=args.hidden, embed_dim=args.embed_dim,
-                          fusion_kwargs=_merged(args.fusion_arg), objective=args.objective,
-                          objective_kwargs=_merged(args.objective_arg), fusion_lr_mult=args.fusion_lr_mult)
+    # the runner's order of seeding (multizoo_ext.builder): same seed and settings, same numbers
+    spec = infer_data_spec(seeded_loaders(args.dataset, args.seed, args.batch_size, **data_kwargs)[0])
+    method = seeded_method(spec, args.fusion, args.seed, encoder=args.encoder, hidden=args.hidden,
+                           embed_dim=args.embed_dim, fusion_kwargs=_merged(args.fusion_arg), objective=args.objective,
+                           objective_kwargs=_merged(args.objective_arg), fusion_lr_mult=args.fusion_lr_mult)
+    train_dl, valid_dl, test_dl = seeded_loaders(args.dataset, args.seed, args.batch_size, **data_kwargs)
     out = prepare_output(args.output or new_run_dir("runs/train", f"{args.dataset}-{args.fusion}-s{args.seed}"),
                          overwrite=args.overwrite)
     args.output = str(out)

@@ -27,9 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from multizoo_ext import __version__
-from multizoo_ext.builder import DataSpec, build_method, infer_data_spec
+from multizoo_ext.builder import DataSpec, infer_data_spec, seeded_loaders, seeded_method
 from multizoo_ext.metrics import SELECTION_METRIC, TASKS
-from multizoo_ext.registry import create_dataset
 from multizoo_ext.runner.baselines import loader_arrays, logistic_regression, run_single_modality
 from multizoo_ext.runner.config import (BASELINES, LOGREG, SINGLE_MODALITY, BenchmarkConfig, RunSpec, expand_runs,
                                         jsonable, settings_hash)
@@ -37,7 +36,7 @@ from multizoo_ext.runner.report import (ROBUSTNESS_MEASURE, TABLE_METRICS, forma
                                         summarize, summary_csv)
 from multizoo_ext.runner.store import ResultsStore, atomic_write_text, move_aside
 from multizoo_ext.training_structures.supervised import test, train
-from multizoo_ext.utils import resolve_device, seed_everything
+from multizoo_ext.utils import resolve_device
 
 __all__ = ["run_benchmark", "BenchmarkResults", "RUN_KEYS"]
 
@@ -164,9 +163,7 @@ _SPECS: Dict[str, DataSpec] = {}
 def _loaders(cfg: BenchmarkConfig, dataset: str, seed: int) -> Tuple[Any, Any, Any]:
     """Fresh ``(train, valid, test)`` loaders of ``dataset`` for ``seed`` (a new shuffle
     generator each call, so a run never continues another run's data order)."""
-    seed_everything(seed)
-    return create_dataset(cfg.loader_of(dataset), batch_size=cfg.batch_size, seed=seed,
-                          **cfg.data_kwargs.get(dataset, {}))
+    return seeded_loaders(cfg.loader_of(dataset), seed, cfg.batch_size, **cfg.data_kwargs.get(dataset, {}))
 
 
 def _spec(cfg: BenchmarkConfig, dataset: str, seed: int) -> DataSpec:
@@ -182,8 +179,7 @@ def _spec(cfg: BenchmarkConfig, dataset: str, seed: int) -> DataSpec:
 
 # ----------------------------------------------------------------------------- one run
 def _build(cfg: BenchmarkConfig, spec: DataSpec, fusion: str, seed: int) -> Any:
-    seed_everything(seed)  # repeatable initial weights
-    return build_method(spec, fusion, encoder=cfg.encoder, hidden=cfg.hidden, embed_dim=cfg.embed_dim,
+    return seeded_method(spec, fusion, seed, encoder=cfg.encoder, hidden=cfg.hidden, embed_dim=cfg.embed_dim,
                         head_hidden=cfg.head_hidden, **cfg.method_overrides(fusion))
 
 
