@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -28,6 +29,27 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO.parent / "shared" / "third_party" / "MultiBench"
 # imported by MultiBench's training_structures.Supervised_Learning (through eval_scripts)
 MULTIBENCH_EXTRAS = ("memory_profiler", "matplotlib", "sklearn", "tqdm")
+
+# Prelude of the subprocess scripts: a small learnable task, 3 classes, label = arg-max of a
+# fixed random linear map of both modalities (chance about 1/3); train/valid/test 240/60/60.
+SYNTHETIC_TASK = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.set_num_threads(1)
+    out_dir = sys.argv[1]
+    g = torch.Generator().manual_seed(0)
+    n, k, widths = 360, 3, (6, 10)
+    xs = [torch.randn(n, w, generator=g) for w in widths]
+    y = sum(x @ torch.randn(x.shape[1], k, generator=g) for x in xs).argmax(1)   # needs both modalities
+    train_dl = DataLoader(TensorDataset(*[x[:240] for x in xs], y[:240]), batch_size=32, shuffle=True, generator=g)
+    valid_dl = DataLoader(TensorDataset(*[x[240:300] for x in xs], y[240:300]), batch_size=60)
+    test_dl = DataLoader(TensorDataset(*[x[300:] for x in xs], y[300:]), batch_size=60)
+    """
+)
 
 
 def find_multibench_root() -> Optional[Path]:
@@ -40,6 +62,8 @@ def find_multibench_root() -> Optional[Path]:
 
 class MultiBench:
     """Runs Python code in a subprocess that imports MultiBench from ``root``."""
+
+    synthetic_task = SYNTHETIC_TASK
 
     def __init__(self, root: Path, stub_dir: Path) -> None:
         self.root = root
@@ -59,7 +83,8 @@ class MultiBench:
         """``python argv...`` in ``cwd`` with MultiBench importable; fails the test on a non-zero exit."""
         proc = subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=self.env(), capture_output=True,
                               text=True, timeout=timeout)
-        assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+        assert proc.returncode == 0, (f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\n"
+                                      f"STDERR:\n{proc.stderr[-4000:]}")
         return proc
 
     def run_code(self, code: str, cwd: Path, *args: Any, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -82,7 +107,9 @@ class MultiBench:
 def multibench_root() -> Path:
     root = find_multibench_root()
     if root is None:
-        pytest.skip(f"no MultiBench tree: set MULTIBENCH_PATH or provide {DEFAULT_ROOT}")
+        where = os.environ.get("MULTIBENCH_PATH") or DEFAULT_ROOT
+        pytest.skip(f"no MultiBench tree at {where} (no training_structures/Supervised_Learning.py): "
+                    "set MULTIBENCH_PATH to a MultiBench checkout")
     missing = [m for m in MULTIBENCH_EXTRAS if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"MultiBench's train() imports {missing}: pip install memory_profiler matplotlib scikit-learn tqdm")
@@ -93,7 +120,7 @@ def multibench_root() -> Path:
 def multibench(multibench_root: Path, tmp_path_factory: pytest.TempPathFactory) -> MultiBench:
     stub = tmp_path_factory.mktemp("torchvision_stub")
     (stub / "torchvision" / "models").mkdir(parents=True)
-    (stub / "torchvision" / "__init__.py").write_text('"""empty stand-in: MultiBench imports it, these tests do not use it"""\n')
+    (stub / "torchvision" / "__init__.py").write_text('"""empty stand-in: MultiBench imports it, unused here"""\n')
     (stub / "torchvision" / "models" / "__init__.py").write_text("")
     return MultiBench(multibench_root, stub)
 

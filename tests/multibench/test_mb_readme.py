@@ -35,7 +35,8 @@ model.eval(); fresh.eval()
 _x = [_text[80:], _image[80:]]
 with torch.no_grad():
     _diff = float((model(_x) - fresh(_x)).abs().max())
-print("RESULT " + json.dumps({"max_abs_diff": _diff, "config": config, "keys": sorted(state) == sorted(fresh.state_dict()),
+print("RESULT " + json.dumps({"max_abs_diff": _diff, "config": config,
+                              "keys": sorted(state) == sorted(fresh.state_dict()),
                               "best_model": type(result.model).__name__}))
 '''
 

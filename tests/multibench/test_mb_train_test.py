@@ -1,8 +1,8 @@
 """ReFNet and DEQ fusion inside MultiBench's own, unmodified ``train()`` / ``test()``, and how to
 load the whole-model file that MultiBench's ``train()`` pickles.
 
-Each test runs one subprocess (see ``conftest.py``) on a small learnable task: three classes,
-label = arg-max of a fixed random linear map of both modalities (chance about 1/3).
+Each test runs one subprocess (see ``conftest.py``) on its small learnable task
+(``SYNTHETIC_TASK``: three classes, chance about 1/3).
 """
 from __future__ import annotations
 
@@ -12,24 +12,10 @@ import pytest
 
 _HEADER = textwrap.dedent(
     """
-    import json, sys
-    import torch
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
     from training_structures.Supervised_Learning import MMDL, train, test   # MultiBench
     from unimodals.common_models import MLP                                  # MultiBench
     from multizoo_ext.fusions import Concat, DEQFusion, ReFNet
     from multizoo_ext.objectives import deq_objective, refnet_objective
-
-    torch.set_num_threads(1)
-    out_dir = sys.argv[1]
-    g = torch.Generator().manual_seed(0)
-    n, k, widths = 360, 3, (6, 10)
-    xs = [torch.randn(n, w, generator=g) for w in widths]
-    y = sum(x @ torch.randn(x.shape[1], k, generator=g) for x in xs).argmax(1)   # needs both modalities
-    train_dl = DataLoader(TensorDataset(*[x[:240] for x in xs], y[:240]), batch_size=32, shuffle=True, generator=g)
-    valid_dl = DataLoader(TensorDataset(*[x[240:300] for x in xs], y[240:300]), batch_size=60)
-    test_dl = DataLoader(TensorDataset(*[x[300:] for x in xs], y[300:]), batch_size=60)
 
     def snapshot(module):
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -94,7 +80,8 @@ _CHECKPOINT = _HEADER + textwrap.dedent(
         torch.manual_seed(1)
         encoders = [MLP(6, 16, 8), MLP(10, 16, 12)]
         if name == "refnet":
-            fusion, head, objective = ReFNet(Concat([8, 12]), [8, 12]), nn.Linear(20, k), refnet_objective(nn.CrossEntropyLoss())
+            fusion, head = ReFNet(Concat([8, 12]), [8, 12]), nn.Linear(20, k)
+            objective = refnet_objective(nn.CrossEntropyLoss())
         else:
             fusion, head, objective = DEQFusion([8, 12], 16), nn.Linear(16, k), deq_objective(nn.CrossEntropyLoss())
         save = f"{out_dir}/{name}.pt"
@@ -137,7 +124,7 @@ _CHECKPOINT = _HEADER + textwrap.dedent(
 
 
 def test_refnet_trains_its_refiners_in_multibench_train(multibench, tmp_path):
-    proc = multibench.run_code(_REFNET, tmp_path, tmp_path)
+    proc = multibench.run_code(multibench.synthetic_task + _REFNET, tmp_path, tmp_path)
     r = multibench.result(proc)
     assert r["plain_changed"] == []                           # nn.CrossEntropyLoss alone: refiners untouched
     assert len(r["refnet_changed"]) == r["n_tensors"] > 0   # every refiner tensor trained
@@ -147,7 +134,7 @@ def test_refnet_trains_its_refiners_in_multibench_train(multibench, tmp_path):
 
 
 def test_deq_fusion_trains_in_multibench_train_and_test(multibench, tmp_path):
-    proc = multibench.run_code(_DEQ, tmp_path, tmp_path)
+    proc = multibench.run_code(multibench.synthetic_task + _DEQ, tmp_path, tmp_path)
     r = multibench.result(proc)
     assert r["out_dim"] == 16
     assert r["changed"] == r["n_tensors"] > 0                  # every fusion tensor was updated
@@ -158,7 +145,7 @@ def test_deq_fusion_trains_in_multibench_train_and_test(multibench, tmp_path):
 
 
 def test_multibench_checkpoint_loads_only_when_trusted_then_converts(multibench, tmp_path):
-    r = multibench.result(multibench.run_code(_CHECKPOINT, tmp_path, tmp_path))
+    r = multibench.result(multibench.run_code(multibench.synthetic_task + _CHECKPOINT, tmp_path, tmp_path))
     for name in ("refnet", "deq"):
         assert r[name]["default_load"] == "UnpicklingError", r[name]
         assert "not a state_dict checkpoint" in r[name]["load_checkpoint"], r[name]

@@ -85,25 +85,11 @@ def test_multibench_train_runs_refnet_variants(multibench, tmp_path):
 # --------------------------------------------------------------------------- DEQ fusion in MultiBench's own train()
 _MB_DEQ_SCRIPT = textwrap.dedent(
     """
-    import json, os, sys
-    import torch
-    from torch import nn
     from torch.nn import functional as F
-    from torch.utils.data import DataLoader, TensorDataset
     from training_structures.Supervised_Learning import train, test
     from multizoo_ext.fusions import DEQFusion
     from multizoo_ext.objectives import deq_objective
     from multizoo_ext.unimodals import MLP
-
-    torch.set_num_threads(1)
-    out_dir = sys.argv[1]
-    g = torch.Generator().manual_seed(0)
-    n, k, widths = 360, 3, (6, 10)
-    xs = [torch.randn(n, w, generator=g) for w in widths]
-    y = sum(x @ torch.randn(x.shape[1], k, generator=g) for x in xs).argmax(1)   # needs both modalities
-    train_dl = DataLoader(TensorDataset(*[x[:240] for x in xs], y[:240]), batch_size=32, shuffle=True, generator=g)
-    valid_dl = DataLoader(TensorDataset(*[x[240:300] for x in xs], y[240:300]), batch_size=60)
-    test_dl = DataLoader(TensorDataset(*[x[300:] for x in xs], y[300:]), batch_size=60)
 
     torch.manual_seed(1)
     encoders = [MLP(6, 16, 8), MLP(10, 16, 12)]                  # unequal widths: projected inside
@@ -167,7 +153,8 @@ def test_multibench_train_runs_deq_penalty_and_fusion_lr(multibench, tmp_path):
     """MultiBench's unmodified train()/test() with DEQFusion(jac_reg=True) + deq_objective:
     the penalty is found through args['model'] and added in training only, the fusion trains
     (at 0.1 x lr through an optimtype factory), the pickled model reloads and learns."""
-    r = multibench.result(multibench.run_code(_MB_DEQ_SCRIPT, tmp_path, tmp_path, timeout=300))
+    proc = multibench.run_code(multibench.synthetic_task + _MB_DEQ_SCRIPT, tmp_path, tmp_path, timeout=300)
+    r = multibench.result(proc)
     # one optimiser, two groups: encoders + head at lr, every fusion parameter at 0.1 x lr
     assert len(r["groups"]) == 2 and r["groups"][1] == [r["fusion_params"], pytest.approx(1e-3)]
     assert r["groups"][0][1] == pytest.approx(1e-2)
