@@ -56,8 +56,10 @@ _AVMNIST_HARNESS = {
 
 
 def _imdb_objective(objective: str) -> Edit:
+    # refnet_objective's Multi-Similarity term reads the labels by task: multi-hot here
+    extra = ', task="multilabel"' if objective == "refnet_objective" else ""
     return (_IMDB_OBJECTIVE_LINE, _IMDB_OBJECTIVE_LINE[:-len("torch.nn.BCEWithLogitsLoss())")]
-            + f"{objective}(torch.nn.BCEWithLogitsLoss()), objective_args_dict={{}})")
+            + f"{objective}(torch.nn.BCEWithLogitsLoss(){extra}), objective_args_dict={{}})")
 
 
 def _imports(fusion_import: str, fusion: str, objective: str) -> Edit:
