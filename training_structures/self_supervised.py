@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from multizoo_ext.checkpoint import save_checkpoint
 from multizoo_ext.registry import create_objective
+from multizoo_ext.training_structures import distributed
 from multizoo_ext.training_structures.supervised import MMDL, _batch_inputs, _check_loader
 from multizoo_ext.utils import resolve_device, seed_everything
 
@@ -54,8 +55,9 @@ class PretrainResult:
 
 def _run_epoch(model: MMDL, loader, objective, n_mod: int, is_packed: bool, input_to_float: bool,
                dev: torch.device, check_inputs: bool, optimizer=None, clip_val: float = 8.0,
-               extra_params: Sequence[nn.Parameter] = ()) -> float:
+               extra_params: Sequence[nn.Parameter] = (), sync: Optional[distributed.GradientSync] = None) -> float:
     training = optimizer is not None
+    net = sync.forward_module if sync is not None and training else model
     model.train(training)
     total, n = 0.0, 0
     with torch.set_grad_enabled(training):
@@ -68,7 +70,7 @@ def _run_epoch(model: MMDL, loader, objective, n_mod: int, is_packed: bool, inpu
                     raise ValueError(f"the model has {n_mod} encoders but the batch holds {len(batch)} tensors")
                 inputs = batch[:n_mod]  # a label after the modalities, if any, is ignored
             # _batch_inputs drops the last element (the label slot): append a placeholder
-            out = model(_batch_inputs(inputs + [None], is_packed, input_to_float, dev, check_inputs))
+            out = net(_batch_inputs(inputs + [None], is_packed, input_to_float, dev, check_inputs))
             args = {"model": model, "reps": model.reps, "fused": model.fuseout, "inputs": inputs,
                     "training": training}
             loss = objective(out, None, args)
@@ -78,6 +80,8 @@ def _run_epoch(model: MMDL, loader, objective, n_mod: int, is_packed: bool, inpu
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if sync is not None:
+                    sync.after_backward()
                 torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(extra_params), clip_val)
                 optimizer.step()
             bsz = out.shape[0]
@@ -85,6 +89,8 @@ def _run_epoch(model: MMDL, loader, objective, n_mod: int, is_packed: bool, inpu
             n += bsz
     if n == 0:
         raise ValueError("the dataloader yielded no batches")
+    if distributed.is_sharded(loader):
+        total, n = distributed.all_reduce_sum(total, n)
     return total / n
 
 
@@ -123,7 +129,8 @@ def pretrain(encoders: Sequence[nn.Module], fusion: nn.Module, train_dataloader,
         _check_loader(valid_dataloader, "valid_dataloader")
     if seed is not None:
         seed_everything(seed)
-    dev = resolve_device(device)
+    multi = distributed.init_from_env()  # torchrun with WORLD_SIZE > 1: join the group
+    dev = distributed.local_device(device) if multi else resolve_device(device)
     objective = objective if objective is not None else create_objective("refnet_refiner_only")
     model = MMDL(encoders, fusion, nn.Identity(), has_padding=is_packed).to(dev)
     extra = [m.to(dev) for m in additional_optimizing_modules]
@@ -131,6 +138,15 @@ def pretrain(encoders: Sequence[nn.Module], fusion: nn.Module, train_dataloader,
     params = [p for p in model.parameters() if p.requires_grad] + extra_params
     optimizer = optimtype(params, lr=lr, weight_decay=weight_decay)
     n_mod = len(model.encoders)
+    sync = None
+    if multi:
+        sync = distributed.GradientSync(model, extra, distributed.default_strategy(), dev)
+        train_dataloader = distributed.distributed_loader(train_dataloader, seed or 0)
+        if valid_dataloader is not None:
+            valid_dataloader = distributed.distributed_loader(valid_dataloader, seed or 0)
+        distributed.silence_unless_main(logger)
+        if not distributed.is_main():
+            progress = False
     history: List[Dict[str, float]] = []
     best, best_state, best_epoch, bad = math.inf, None, -1, 0
     bar = tqdm(range(total_epochs), desc="pre-training", disable=None if progress is None else not progress,
@@ -138,8 +154,12 @@ def pretrain(encoders: Sequence[nn.Module], fusion: nn.Module, train_dataloader,
     for epoch in bar:
         t0 = time.perf_counter()
         row: Dict[str, float] = {"epoch": epoch}
+        if sync is not None:
+            distributed.set_epoch(train_dataloader, epoch)
         row["train_loss"] = _run_epoch(model, train_dataloader, objective, n_mod, is_packed, input_to_float, dev,
-                                       check_inputs, optimizer, clip_val, extra_params)
+                                       check_inputs, optimizer, clip_val, extra_params, sync)
+        if sync is not None:
+            sync.sync_buffers()
         if valid_dataloader is not None:
             row["valid_loss"] = _run_epoch(model, valid_dataloader, objective, n_mod, is_packed, input_to_float,
                                            dev, check_inputs)
@@ -149,7 +169,10 @@ def pretrain(encoders: Sequence[nn.Module], fusion: nn.Module, train_dataloader,
         bar.set_postfix(loss=f"{row['train_loss']:.4f}")
         logger.info("pre-training epoch %d loss %.4f%s", epoch, row["train_loss"],
                     f" valid {row['valid_loss']:.4f}" if "valid_loss" in row else "")
-        if score < best:
+        improved = score < best
+        if sync is not None:  # the same decision on every rank
+            improved = distributed.broadcast_object(improved)
+        if improved:
             best, best_epoch, bad = score, epoch, 0
             best_state = copy.deepcopy(model.state_dict()), [copy.deepcopy(m.state_dict()) for m in extra]
         else:
@@ -161,9 +184,11 @@ def pretrain(encoders: Sequence[nn.Module], fusion: nn.Module, train_dataloader,
         model.load_state_dict(best_state[0])
         for m, sd in zip(extra, best_state[1]):
             m.load_state_dict(sd)
-    if save is not None:
+    if save is not None and distributed.is_main():
         save_checkpoint(save, model, {"stage": "pretrain", "epoch": best_epoch,
                                       "fusion": type(model.fuse).__name__,
                                       "valid_loss": best if valid_dataloader is not None else None})
+    if save is not None and sync is not None:
+        distributed.barrier()  # the checkpoint is complete before any rank goes on
     return PretrainResult(model=model, history=history, best_epoch=best_epoch,
                           checkpoint=save, seconds_per_epoch=sum(h["seconds"] for h in history) / len(history))

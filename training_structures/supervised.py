@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from multizoo_ext.checkpoint import save_checkpoint
+from multizoo_ext.training_structures import distributed
 from multizoo_ext.metrics import SELECTION_METRIC, check_task, compute_metrics, multibench_view
 from multizoo_ext.utils import count_parameters, resolve_device, seed_everything
 from multizoo_ext.validation import check_finite
@@ -191,9 +192,10 @@ def evaluate(model: nn.Module, loader: Iterable, task: str = "classification", o
     check_task(task)
     _check_loader(loader, "the evaluation dataloader")
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    sharded = distributed.is_sharded(loader)  # one process's share: gather the outputs below
     was_training = model.training
     model.eval()
-    outs, truths, total, n = [], [], 0.0, 0
+    outs, truths, total, n, n_loss = [], [], 0.0, 0, 0
     try:
         for batch in loader:
             out = model(_batch_inputs(batch, is_packed, input_to_float, dev, check_inputs))
@@ -204,7 +206,10 @@ def evaluate(model: nn.Module, loader: Iterable, task: str = "classification", o
                 if objective_args_dict is not None:
                     objective_args_dict.update(reps=model.reps, fused=model.fuseout,
                                                inputs=batch[:-1], training=False)
-                total += float(deal_with_objective(objective, out, truth, objective_args_dict)) * len(truth)
+                lout, ltruth = distributed.trim_padding(loader, n, out, truth) if sharded else (out, truth)
+                if len(ltruth):
+                    total += float(deal_with_objective(objective, lout, ltruth, objective_args_dict)) * len(ltruth)
+                n_loss += len(ltruth)
             n += len(truth)
             outs.append(out.detach().float().cpu())
             truths.append(truth.detach().cpu())
@@ -212,9 +217,14 @@ def evaluate(model: nn.Module, loader: Iterable, task: str = "classification", o
         model.train(was_training)
     if n == 0:
         raise ValueError("the evaluation dataloader yielded no batches")
-    metrics = compute_metrics(task, torch.cat(truths), torch.cat(outs))
+    pred_all, truth_all = torch.cat(outs), torch.cat(truths)
+    if sharded:
+        pred_all, truth_all = distributed.gather_predictions(pred_all, truth_all, loader)
+        total, n_loss = distributed.all_reduce_sum(total, n_loss)
+        n = len(truth_all)
+    metrics = compute_metrics(task, truth_all, pred_all)
     if objective is not None:
-        metrics["loss"] = total / n
+        metrics["loss"] = total / (n_loss if sharded else n)
     metrics["n"] = n
     return metrics
 
@@ -276,9 +286,19 @@ def train(
     _check_loader(valid_dataloader, "valid_dataloader")
     if seed is not None:
         seed_everything(seed)
-    dev = resolve_device(device)
+    multi = distributed.init_from_env()  # torchrun with WORLD_SIZE > 1: join the group
+    dev = distributed.local_device(device) if multi else resolve_device(device)
     model = MMDL(encoders, fusion, head, has_padding=is_packed).to(dev)
     extra = [m.to(dev) for m in additional_optimizing_modules]
+    sync, net = None, model  # net: the module the training forward calls (a DDP wrapper when multi)
+    if multi:
+        sync = distributed.GradientSync(model, extra, distributed.default_strategy(), dev)
+        net = sync.forward_module
+        train_dataloader = distributed.distributed_loader(train_dataloader, seed or 0)
+        valid_dataloader = distributed.distributed_loader(valid_dataloader, seed or 0)
+        distributed.silence_unless_main(logger)
+        if not distributed.is_main():
+            progress = False
 
     def _params(mods):
         seen, out = set(), []
@@ -310,9 +330,11 @@ def train(
         t0 = time.perf_counter()
         model.train()
         total, n = 0.0, 0
+        if sync is not None:
+            distributed.set_epoch(train_dataloader, epoch)
         for batch in train_dataloader:
             optimizer.zero_grad(set_to_none=True)
-            out = model(_batch_inputs(batch, is_packed, input_to_float, dev, check_inputs))
+            out = net(_batch_inputs(batch, is_packed, input_to_float, dev, check_inputs))
             truth = batch[-1]
             if not checked:
                 _check_labels(task, out, truth.to(out.device))
@@ -326,12 +348,17 @@ def train(
                 raise FloatingPointError(f"training loss became {loss_value} at epoch {epoch}; lower the learning "
                                          f"rate, check the inputs, or clip harder (clip_val={clip_val})")
             loss.backward()
+            if sync is not None:
+                sync.after_backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_val)
             optimizer.step()
             total += loss_value * len(truth)
             n += len(truth)
         if n == 0:
             raise ValueError("train_dataloader yielded no batches")
+        if sync is not None:
+            total, n = distributed.all_reduce_sum(total, n)
+            sync.sync_buffers()
         t_valid = time.perf_counter()
         valid = evaluate(model, valid_dataloader, task, objective, objective_args_dict, is_packed,
                          input_to_float, dev, check_inputs)
@@ -341,6 +368,8 @@ def train(
         history.append(row)
         score = valid[metric_name]
         improved = score > best if higher_better else score < best
+        if sync is not None:  # the same decision on every rank (the metrics already agree)
+            improved = distributed.broadcast_object(improved)
         logger.info("epoch %d train loss %.4f valid %s %.4f%s", epoch, row["train_loss"], metric_name, score,
                     " (best)" if improved else "")
         if auprc:
@@ -352,12 +381,14 @@ def train(
             best, best_epoch, bad_epochs = score, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
             best_extra = [copy.deepcopy(m.state_dict()) for m in extra]
-            if save is not None:
+            if save is not None and distributed.is_main():
                 cfg = {"epoch": epoch, "task": task, metric_name: score, "parameters": n_params,
                        "encoders": [type(e).__name__ for e in model.encoders],
                        "fusion": type(model.fuse).__name__, "head": type(model.head).__name__,
                        **(config or {})}
                 save_checkpoint(save, best_state, cfg)
+            if save is not None and sync is not None:
+                distributed.barrier()  # the checkpoint is complete before any rank goes on
         else:
             bad_epochs += 1
         if early_stop and bad_epochs > patience:
