@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="runs/train", help="folder for best.pt, best.json and results.json "
                                                           "(default: runs/train)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes on this machine: re-run under 'python -m torch.distributed.run "
+                        "--nproc_per_node N' (gloo on CPU, NCCL on GPUs; --batch-size is per process; default: 1)")
 
 
 def run_train(args: argparse.Namespace) -> Dict[str, Any]:
@@ -87,7 +91,10 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
            "epochs_run": len(res.history), "best_epoch": res.best_epoch,
            "seconds_per_epoch": res.seconds_per_epoch, "parameters": res.parameters,
            "total_seconds": time.perf_counter() - t0, "test": metrics, "history": res.history}
-    (out / "results.json").write_text(json.dumps(row, indent=2))
+    from multizoo_ext.training_structures.distributed import is_main
+
+    if is_main():
+        (out / "results.json").write_text(json.dumps(row, indent=2))
     return row
 
 
@@ -151,6 +158,28 @@ def _run_bench_command(args: argparse.Namespace) -> int:
     return run_script(args.script, args.script_args, prog=f"multizoo-ext bench {args.script}")
 
 
+def _relaunch_distributed(nproc: int, argv: Sequence[str]) -> int:
+    """Run this command again in ``nproc`` processes under ``torch.distributed.run`` (single
+    machine, a free local port); the children see ``WORLD_SIZE`` and train data-parallel."""
+    if nproc < 1:
+        print(f"error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
+        return 2
+    import subprocess
+
+    rest, skip = [], False  # the children run without --nproc (torchrun's parser would take it for its own)
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "multizoo_ext", *rest]
+    logger.info("launching %s", " ".join(cmd))
+    return subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multizoo-ext",
@@ -182,14 +211,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             ("encoders", list_encoders()), ("objectives", list_objectives())]:
             print(f"{kind}: {', '.join(names)}")
         return 0
+    if args.command == "train" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_distributed(args.nproc, list(sys.argv[1:] if argv is None else argv))
     if args.command == "train":
         try:
             row = run_train(args)
         except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        print(format_results(row))
-        print(f"\nweights and results in {args.output}/ (best.pt, best.json, results.json)")
+        from multizoo_ext.training_structures import distributed
+
+        if distributed.is_main():
+            print(format_results(row))
+            print(f"\nweights and results in {args.output}/ (best.pt, best.json, results.json)")
+        if distributed.is_distributed():
+            torch.distributed.destroy_process_group()
         return 0
     if args.command == "benchmark":
         return _run_benchmark_command(args)
