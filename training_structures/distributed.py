@@ -341,10 +341,10 @@ def _all_reduce_mean_grads(params: Sequence[nn.Parameter]) -> None:
     dist.all_reduce(buf)
     buf = buf.to(ref.device).div_(world_size())
     offset = 0
-    present = buf[-len(params):]
+    present = buf[-len(params):].tolist()  # one host copy
     for i, p in enumerate(params):
         k = p.numel()
-        if float(present[i]) > 0:
+        if present[i] > 0:
             g = buf[offset:offset + k].view_as(p).to(p.dtype)
             if p.grad is None:
                 p.grad = g.clone()

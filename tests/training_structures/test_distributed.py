@@ -231,6 +231,20 @@ def test_single_process_needs_no_group(monkeypatch):
         distributed.init_from_env()
 
 
+def test_cli_nproc_relaunches_under_torch_distributed_run(monkeypatch):
+    import subprocess
+
+    from multizoo_ext import cli
+
+    calls = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert cli.main(["train", "--epochs", "1", "--nproc", "2", "--quiet"]) == 0
+    (cmd,) = calls
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    assert cmd[6:] == ["multizoo_ext", "train", "--epochs", "1", "--quiet"]  # --nproc is not passed on
+
+
 if __name__ == "__main__":  # the worker, under torch.distributed.run
     torch.set_num_threads(1)
     _worker(sys.argv[1])
