@@ -120,9 +120,16 @@ def gathered_multi_similarity_loss(embeddings: Tensor, labels: Tensor, alpha: fl
         raise ValueError(f"{name} expects multi-hot labels (B, K) with values 0/1 only, got other values")
     b, world = embeddings.shape[0], dist.get_world_size()
     counts = _sizes(b, embeddings)
-    every = _AllGather.apply(embeddings, counts)  # (B, D), own rows with their graph
-    with torch.no_grad():
-        every_labels = _AllGather.apply(labels.float() if labels.dtype == torch.bool else labels, counts)
+    if embeddings.dtype in (torch.float32, torch.float64):
+        # one gather for both: the labels ride as extra columns (class indices and 0/1 are exact)
+        dim = embeddings.shape[1]
+        packed = torch.cat([embeddings, labels.reshape(b, -1).to(embeddings.dtype)], 1)  # (b, D + K)
+        every_packed = _AllGather.apply(packed, counts)  # (B, D + K), own rows with their graph
+        every, every_labels = every_packed[:, :dim], every_packed[:, dim:].detach()
+    else:
+        every = _AllGather.apply(embeddings, counts)  # (B, D), own rows with their graph
+        with torch.no_grad():
+            every_labels = _AllGather.apply(labels.float() if labels.dtype == torch.bool else labels, counts)
     total, start = sum(counts), sum(counts[:dist.get_rank()])
     sim = F.linear(F.normalize(embeddings, dim=1), F.normalize(every, dim=1))  # (b, B)
     share = _share_rect(labels, every_labels, sim.dtype)  # (b, B)
