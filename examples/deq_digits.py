@@ -5,51 +5,48 @@ The digits dataset (scikit-learn's 8x8 handwritten digits, left and right image 
 two modalities) ships with scikit-learn: nothing is downloaded. Run from anywhere once the
 package is installed::
 
-    python examples/deq_digits.py                        # DEQFusion, 8 epochs, Jacobian weight 0.1 (~20 s)
-    python examples/deq_digits.py --jacobian-weight 0    # task loss only
-    python examples/deq_digits.py --solver broyden       # another forward/backward solver
-    python examples/deq_digits.py --baseline             # plain Concat, for comparison
+    python examples/deq_digits.py                           # DEQ fusion as its recipe trains it
+    python examples/deq_digits.py --objective-arg jacobian_weight=0   # task loss only
+    python examples/deq_digits.py --fusion-arg solver=broyden         # another solver
+    python examples/deq_digits.py --fusion concat           # plain Concat, for comparison
 
 What it does:
 
 1. ``create_dataset("digits")`` gives (train, valid, test) loaders yielding ``[left, right, y]``.
-2. One MLP encoder per view (32 -> 64 -> 32), ``DEQFusion([32, 32], jac_reg=True)`` as the
-   fusion (the fused state is the fixed point of a purify-then-combine map, found by
-   Anderson acceleration, gradients by implicit differentiation), a Linear head.
-3. ``train`` (MultiBench's contract) with ``objective=deq_objective(...)`` and
-   ``objective_args_dict={}``: cross-entropy + ``jacobian_weight`` x the Hutchinson
-   estimate of ``||J_f(z*)||_F^2`` that keeps the fixed point well-conditioned; the fusion's
-   parameters train at 0.1 x the learning rate (``fusion_lr_mult=0.1``, as the reference):
-   1e-2 for the encoders and head, 1e-3 for the fusion. (With 1e-3 for everything, DEQ fusion
-   learns much more slowly than Concat: about 0.5 test accuracy after 8 epochs.)
+2. ``build_method(spec, "deq")``, the builder the CLI and the benchmark runner use, builds one
+   MLP encoder per view (32 -> 64 -> 32), ``DEQFusion([32, 32])`` (the fused state is the fixed
+   point of a purify-then-combine map, found by Anderson acceleration, gradients by implicit
+   differentiation; ``jac_reg=True``), a Linear head, and the method's registered recipe:
+   ``deq_objective`` (cross-entropy + 0.1 x the Hutchinson estimate of ``||J_f(z*)||_F^2``)
+   and the fusion's parameters at 0.1 x the learning rate.
+3. ``train`` (MultiBench's contract) with the recipe's objective and ``objective_args_dict={}``.
 4. ``test`` gives accuracy, macro F1 and AUROC on the test split; then one pass over the test
    split reads ``DEQFusion.last_info`` after every batch: solver steps per sample, final
    relative residual ``||f(z) - z|| / ||f(z)||`` and the share of samples that met the
    tolerance.
 
-Measured (session 9, final defaults: staged forward and backward solves, Jacobian-free
-gradient above residual 1e-2; seed 0): test accuracy 0.975, macro F1 0.975, AUROC 0.999;
-solver on the test split 13.5 + 8.2 stage steps on average (cap 55 per stage), median
-relative residual 6.8e-4, 97.5 % of samples within the tolerance; about 2.3 s per epoch, 20 s
-in all. (Session 8's code gave 0.942 on the same seed: float rounding in the solver changes
-the trajectory, and over seeds the two train alike, see docs/RESULTS.md.) ``--baseline`` (Concat, session 7): 0.936 after 8 epochs in 3 s. One seed
-each: compare over several before drawing conclusions.
+Measured results: docs/RESULTS.md and docs/deq.md.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 from torch import nn
 
-from multizoo_ext.fusions.common_fusions import Concat
-from multizoo_ext.fusions.deq import DEQFusion
-from multizoo_ext.objectives.deq import deq_objective
-from multizoo_ext.registry import create_dataset
-from multizoo_ext.training_structures.supervised import test, train
-from multizoo_ext.unimodals.common_models import MLP
-from multizoo_ext.utils import seed_everything
+from multizoo_ext import create_dataset, seed_everything
+from multizoo_ext.builder import build_method, infer_data_spec
+from multizoo_ext.training_structures import test, train
+
+
+def _kv(text: str) -> dict:
+    key, _, value = text.partition("=")
+    try:
+        return {key: json.loads(value)}
+    except json.JSONDecodeError:
+        return {key: value}
 
 
 @torch.no_grad()
@@ -62,8 +59,7 @@ def solver_statistics(model: nn.Module, loader) -> dict:
     for batch in loader:
         model([x.float() for x in batch[:-1]])
         info = deq.last_info
-        # staged solve (the default): steps of the modality stage and of the fused stage
-        stages = info.get("stages") or [info]
+        stages = info.get("stages") or [info]  # staged solve: the modality stage, then the fused stage
         steps.append(torch.stack([st["steps"].float() for st in stages], 1))    # (b, stages)
         residuals.append(info["rel_residual"].float())
         converged.append(info["converged"].float())
@@ -76,16 +72,12 @@ def solver_statistics(model: nn.Module, loader) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--fusion", default="deq", help="registered fusion (default: deq)")
+    p.add_argument("--fusion-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE")
+    p.add_argument("--objective-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE")
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate of encoders and head")
-    p.add_argument("--jacobian-weight", type=float, default=0.1,
-                   help="weight of the Jacobian penalty (reference: 0.1 on MM-IMDB); 0 = task loss only")
-    p.add_argument("--fusion-lr-mult", type=float, default=0.1,
-                   help="learning-rate multiplier of the fusion's parameters (reference: 0.1)")
-    p.add_argument("--solver", default="anderson", choices=["anderson", "broyden", "fixed_point_iter"])
-    p.add_argument("--width", type=int, default=None, help="DEQ width (default: the encoders' 32)")
-    p.add_argument("--baseline", action="store_true", help="train plain Concat instead of DEQFusion")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (the CLI's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny model: 1 is fastest)")
     args = p.parse_args()
@@ -93,35 +85,21 @@ def main() -> None:
 
     seed_everything(args.seed)
     train_dl, valid_dl, test_dl = create_dataset("digits", batch_size=args.batch_size, seed=args.seed)
-    left, right, _ = next(iter(train_dl))
-    dims_in = [left.shape[1], right.shape[1]]  # 32, 32
-    embed_dims = [32, 32]
-    encoders = [MLP(d, 64, e) for d, e in zip(dims_in, embed_dims)]
-
-    if args.baseline:
-        fusion = Concat(embed_dims)
-        objective, objective_args, lr_mult = nn.CrossEntropyLoss(), None, 1.0
-        name = "Concat"
-    else:
-        fusion = DEQFusion(embed_dims, width=args.width, solver=args.solver, jac_reg=args.jacobian_weight > 0)
-        objective = deq_objective(nn.CrossEntropyLoss(), jacobian_weight=args.jacobian_weight)
-        objective_args = {}  # the loop fills model / fused / inputs / training every batch
-        lr_mult = args.fusion_lr_mult
-        name = (f"DEQFusion(width {fusion.width}, {args.solver}), Jacobian weight {args.jacobian_weight}, "
-                f"fusion lr x{lr_mult}")
-    head = nn.Linear(fusion.out_dim, 10)
+    spec = infer_data_spec(train_dl)
+    m = build_method(spec, args.fusion, fusion_kwargs={k: v for d in args.fusion_arg for k, v in d.items()},
+                     objective_kwargs={k: v for d in args.objective_arg for k, v in d.items()} or None)
 
     t0 = time.perf_counter()
-    result = train(encoders, fusion, head, train_dl, valid_dl, args.epochs, task="classification",
-                   optimtype=torch.optim.AdamW, lr=args.lr, weight_decay=1e-2, objective=objective,
-                   objective_args_dict=objective_args, save=None, device="cpu", fusion_lr_mult=lr_mult,
-                   seed=args.seed, progress=False)
-    metrics = test(result.model, test_dl, task="classification", no_robust=True, full=True)
-    print(f"{name}: {result.parameters} parameters, best validation epoch {result.best_epoch} of {args.epochs} "
+    result = train(m.encoders, m.fusion, m.head, train_dl, valid_dl, args.epochs, task=spec.task,
+                   optimtype=torch.optim.AdamW, lr=args.lr, weight_decay=1e-2, save=None, device="cpu",
+                   seed=args.seed, progress=False, **m.train_kwargs())
+    metrics = test(result.model, test_dl, task=spec.task, no_robust=True, full=True)
+    print(f"{m.name} ({m.settings['objective']} objective, fusion lr x{m.fusion_lr_mult}): "
+          f"{result.parameters} parameters, best validation epoch {result.best_epoch} of {args.epochs} "
           f"({result.seconds_per_epoch:.2f} s/epoch, {time.perf_counter() - t0:.1f} s in all)")
     print(f"test accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['f1_macro']:.4f}  "
           f"AUROC {metrics['auroc']:.4f}  (n={metrics['n']})")
-    if not args.baseline:
+    if getattr(result.model.fuse, "last_info", None) is not None or m.name == "deq":
         s = solver_statistics(result.model, test_dl)
         print(f"solver on the {s['n']} test samples (cap {s['max_iter']} steps per stage, tolerance {s['tol']:g}): "
               f"steps mean {' + '.join(f'{v:.1f}' for v in s['steps_mean'])} (stages) / max {s['steps_max']:.0f}, "

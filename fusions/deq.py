@@ -64,7 +64,7 @@ from multizoo_ext.fusions.deq_backward import (
 )
 from multizoo_ext.fusions.deq_solvers import get_solver
 from multizoo_ext.fusions.deq_staged import solve_staged
-from multizoo_ext.registry import register_fusion
+from multizoo_ext.registry import Recipe, register_fusion
 from multizoo_ext.validation import check_modalities, check_widths
 
 __all__ = ["DEQ_DEFAULTS", "DEQDefaults", "DEQFusion", "find_deq"]
@@ -282,7 +282,10 @@ class _FusedStage:
         return self.fmap._fuse(z_f, a, inj_f)
 
 
-@register_fusion("deq")
+#: DEQ fusion trains with its Jacobian penalty (``jac_reg=True``, the constructor's default)
+#: added by ``multizoo_ext.objectives.deq_objective`` (weight 0.1), and the fusion's parameters
+#: at 0.1 x the learning rate, as the authors' MM-IMDB script does.
+@register_fusion("deq", recipe=Recipe(objective="deq", fusion_lr_mult=0.1))
 class DEQFusion(nn.Module):
     """Deep Equilibrium fusion: the fused state of the fixed point ``z* = f_theta(z*; x)``.
 

@@ -32,12 +32,13 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from multizoo_ext.registry import create_fusion, register_fusion
+from multizoo_ext.registry import Recipe, create_fusion, register_fusion
 from multizoo_ext.validation import check_modalities, check_widths
 
 __all__ = ["ReFNet", "Refiner", "build_refnet", "find_refnet"]
@@ -173,6 +174,8 @@ class ReFNet(nn.Module):
         self.refiners = nn.ModuleList(
             Refiner(fused_dim, d, hidden_dim, float(dropout)) for d in self.target_dims)
         self._clear_cache()
+        self._pending_step: Optional[Dict[str, bool]] = None  # did the last training step reach the refiners?
+        self._warned_untrained = False
 
     # ------------------------------------------------------------------ state for the objective
     def _clear_cache(self) -> None:
@@ -185,9 +188,38 @@ class ReFNet(nn.Module):
         # Pickling / deepcopy (e.g. MultiBench's torch.save(model)) must not carry the last
         # batch's activations and their autograd graph.
         state = self.__dict__.copy()
-        for key in ("last_fused", "last_reconstructions", "last_targets", "last_fusion_output"):
+        for key in ("last_fused", "last_reconstructions", "last_targets", "last_fusion_output", "_pending_step"):
             state[key] = None
         return state
+
+    # ------------------------------------------------------------------ cannot go half-trained
+    def _check_last_step(self) -> None:
+        """Warn once when the previous training forward's reconstructions got no gradient: the
+        objective ignored the refiners, so they stay at their initial weights."""
+        pending, self._pending_step = self._pending_step, None
+        if pending is None or pending["reached"] or self._warned_untrained:
+            return
+        self._warned_untrained = True
+        msg = ("ReFNet: a training step ended without gradient reaching the refiners, so they stay untrained "
+               "and the fused embedding is not made to keep each modality; train with "
+               "multizoo_ext.objectives.refnet_objective(...) (and objective_args_dict={} in MultiBench's train())")
+        logger.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+    def _watch(self, reconstructions: Sequence[torch.Tensor]) -> None:
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        tracked = [r for r in reconstructions if r.requires_grad]
+        if not tracked:
+            return
+        pending = {"reached": False}
+
+        def reached(grad: torch.Tensor) -> None:
+            pending["reached"] = True
+
+        for r in tracked:
+            r.register_hook(reached)
+        self._pending_step = pending
 
     @property
     def num_modalities(self) -> int:
@@ -205,6 +237,7 @@ class ReFNet(nn.Module):
             The inner fusion's output ``(B, fused_dim)``, unchanged (element 0 when it
             returned a tuple; the tuple is kept as ``last_fusion_output``).
         """
+        self._check_last_step()
         check_modalities(inputs, self.num_modalities, "ReFNet")
         flat = [torch.flatten(x, 1) for x in inputs]  # (B, d_i)
         check_widths(flat, self.modality_dims, "ReFNet")
@@ -221,11 +254,39 @@ class ReFNet(nn.Module):
                              f"{type(self.fusion).__name__} returned {got}; pass the right fused_dim")
         self.last_fused = fused
         self.last_reconstructions = self.refine(fused)
+        self._watch(self.last_reconstructions)
         if self.target == "embedding":
             self.last_targets = [t.detach() for t in flat] if self.detach_targets else flat
         else:
             self.last_targets = None
         return fused
+
+    def objective_state(self, batch_size: int, raw_inputs: Optional[Sequence[torch.Tensor]] = None
+                        ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
+        """What an objective reads from the last forward: the one accessor objectives use.
+
+        Args:
+            batch_size: rows of the batch being scored (``pred.shape[0]``); the cached state
+                must be of that batch.
+            raw_inputs: the raw batch inputs, needed with ``target='input'``.
+
+        Returns:
+            ``(reconstructions, targets, fused)``: M tensors ``(B, target_dims[i])``, M
+            targets of the same shapes, and the fused embedding ``(B, fused_dim)``.
+
+        Raises:
+            RuntimeError: no forward yet.
+            ValueError: the cached state holds another number of rows than ``batch_size``
+                (it is from another batch).
+        """
+        if self.last_reconstructions is None or self.last_fused is None:
+            raise RuntimeError("ReFNet has no state yet: run its forward on the batch before the objective")
+        rows = int(self.last_fused.shape[0])
+        if rows != int(batch_size):
+            raise ValueError(f"ReFNet holds the state of a batch of {rows} rows but the batch being scored has "
+                             f"{int(batch_size)}: the state is from another batch (run the objective right after "
+                             "this batch's forward)")
+        return list(self.last_reconstructions), list(self.reconstruction_targets(raw_inputs)), self.last_fused
 
     def refine(self, fused: torch.Tensor) -> List[torch.Tensor]:
         """Decode a fused embedding with every refiner.
@@ -297,7 +358,10 @@ def find_refnet(module: Any) -> Optional[ReFNet]:
     return None
 
 
-@register_fusion("refnet")
+#: ReFNet trains with its objective: task loss + 0.1 x cosine refiner loss per modality +
+#: 0.1 x Multi-Similarity on the fused embedding (the reference's weights; defaults of
+#: ``multizoo_ext.objectives.refnet_objective``).
+@register_fusion("refnet", recipe=Recipe(objective="refnet"))
 def build_refnet(input_dims: Sequence[int], inner: str = "concat", inner_kwargs: Optional[Dict[str, Any]] = None,
                  fused_dim: Optional[int] = None, hidden_dim: Optional[int] = None,
                  dropout: float = DEFAULT_REFINER_DROPOUT, target: str = "embedding",

@@ -7,10 +7,12 @@ The MultiZoo folders install as subpackages: ``multizoo_ext.datasets``,
 import logging
 
 from multizoo_ext.registry import (
+    Recipe,
     create_dataset,
     create_encoder,
     create_fusion,
     create_objective,
+    get_recipe,
     list_datasets,
     list_encoders,
     list_fusions,
@@ -27,11 +29,13 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "Recipe",
     "__version__",
     "create_dataset",
     "create_encoder",
     "create_fusion",
     "create_objective",
+    "get_recipe",
     "list_datasets",
     "list_encoders",
     "list_fusions",

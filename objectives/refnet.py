@@ -64,6 +64,8 @@ logger = logging.getLogger(__name__)
 Objective = Callable[[Tensor, Optional[Tensor], Optional[MutableMapping[str, Any]]], Tensor]
 Weights = Union[float, Sequence[float]]
 
+#: Weight ``lambda_ms`` of Multi-Similarity on the fused embedding (reference: 0.1).
+DEFAULT_MS_WEIGHT = 0.1
 #: Multi-Similarity hyper-parameters (paper / pytorch-metric-learning names).
 DEFAULT_MS = {"alpha": 2.0, "beta": 50.0, "base": 0.5, "epsilon": 0.1}
 _TASKS = ("classification", "multilabel", "regression")
@@ -154,8 +156,10 @@ def _check_args(args: Any, who: str) -> Mapping[str, Any]:
     return args
 
 
-def _locate(args: Mapping[str, Any], who: str) -> Tuple[List[Tensor], List[Tensor], Optional[Tensor], Optional[ReFNet]]:
-    """Reconstructions, targets, fused embedding and the ReFNet module (if any) of this batch."""
+def _locate(args: Mapping[str, Any], who: str, batch_size: Optional[int]
+            ) -> Tuple[List[Tensor], List[Tensor], Optional[Tensor], Optional[ReFNet]]:
+    """Reconstructions, targets, fused embedding and the ReFNet module (if any) of the batch of
+    ``batch_size`` rows being scored (None: whatever the ReFNet last saw)."""
     refiner = args.get("refiner")
     if refiner is not None:
         refnet = find_refnet(refiner)
@@ -176,11 +180,15 @@ def _locate(args: Mapping[str, Any], who: str) -> Tuple[List[Tensor], List[Tenso
             raise ValueError(f"{who} found no ReFNet: args['model'] ({type(model).__name__}) holds none and "
                              "args['refiner'] is not set; use ReFNet as the fusion or pass "
                              "objective_args_dict={'refiner': decoder}")
-    if refnet.last_reconstructions is None:
+    if refnet.last_fused is None:
         raise RuntimeError(f"{who}: the ReFNet module has not run a forward yet")
-    targets = list(refnet.reconstruction_targets(args.get("inputs")))
+    rows = int(refnet.last_fused.shape[0]) if batch_size is None else batch_size
+    try:
+        recons, targets, last_fused = refnet.objective_state(rows, args.get("inputs"))
+    except ValueError as exc:
+        raise ValueError(f"{who}: {exc}") from None
     fused = _fused_tensor(args.get("fused"))
-    return list(refnet.last_reconstructions), targets, (fused if fused is not None else refnet.last_fused), refnet
+    return recons, targets, (fused if fused is not None else last_fused), refnet
 
 
 class _RefinerTerm:
@@ -227,18 +235,18 @@ def refiner_loss_of(source: Any, loss: Optional[Callable[[List[Tensor], List[Ten
     refnet = find_refnet(source)
     if refnet is None:
         raise ValueError(f"refiner_loss_of found no ReFNet in {type(source).__name__}")
-    if refnet.last_reconstructions is None:
+    if refnet.last_fused is None:
         raise RuntimeError("refiner_loss_of: the ReFNet module has not run a forward yet")
-    targets = refnet.reconstruction_targets(raw_inputs)
+    recons, targets, _ = refnet.objective_state(int(refnet.last_fused.shape[0]), raw_inputs)
     if loss is None:
         loss = _RefinerTerm("cosine", DEFAULT_REFINER_WEIGHT, None)
-    return loss(list(refnet.last_reconstructions), list(targets))
+    return loss(recons, targets)
 
 
 @register_objective("refnet")
 def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
                      refiner_weight: Weights = DEFAULT_REFINER_WEIGHT, refiner_loss: str = "cosine",
-                     ms_weight: float = 0.0, ms_alpha: float = DEFAULT_MS["alpha"],
+                     ms_weight: Optional[float] = None, ms_alpha: float = DEFAULT_MS["alpha"],
                      ms_beta: float = DEFAULT_MS["beta"], ms_base: float = DEFAULT_MS["base"],
                      ms_epsilon: float = DEFAULT_MS["epsilon"], task: str = "classification",
                      refiner_kwargs: Optional[Dict[str, Any]] = None,
@@ -252,7 +260,8 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
         refiner_loss: "cosine" (default; also MultiBench's choice), "mse", "contrastive" or
             "ms" (see ``objectives/refiner.py``).
         ms_weight: ``lambda_ms``, weight of Multi-Similarity on the fused embedding with the
-            labels. Default: 0.0 (off); the reference uses 0.1.
+            labels; 0 turns it off. Default (None): 0.1, the reference's, for class labels
+            (classification, multilabel); 0 for regression, which has none.
         ms_alpha, ms_beta, ms_base, ms_epsilon: Multi-Similarity positive scale, negative
             scale, offset and mining margin. Defaults: 2, 50, 0.5, 0.1 (paper).
         task: "classification" (labels ``(B,)``/``(B, 1)``), "multilabel" (multi-hot
@@ -275,8 +284,11 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
     """
     if task not in _TASKS:
         raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
-    if ms_weight < 0:
-        raise ValueError(f"ms_weight must be >= 0, got {ms_weight}")
+    if ms_weight is None:
+        ms_weight = 0.0 if task == "regression" else DEFAULT_MS_WEIGHT
+    if isinstance(ms_weight, bool) or not isinstance(ms_weight, (int, float)) or not ms_weight >= 0 \
+            or ms_weight == float("inf"):
+        raise ValueError(f"ms_weight must be a finite number >= 0, got {ms_weight!r}")
     if ms_weight > 0 and task == "regression":
         raise ValueError("ms_weight > 0 needs class labels; Multi-Similarity is undefined for task='regression'")
     criterion = task_criterion if task_criterion is not None else default_criterion(task)
@@ -290,7 +302,7 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
         loss = task_loss(criterion, pred, truth)
         if not args.get("training", True) and not eval_full_loss:
             return loss
-        recons, targets, fused, _ = _locate(args, who)
+        recons, targets, fused, _ = _locate(args, who, int(pred.shape[0]))
         if recons and recons[0].shape[0] != pred.shape[0]:
             raise ValueError(f"{who}: the refiner holds a batch of {recons[0].shape[0]} but pred has "
                              f"{pred.shape[0]} rows; the ReFNet cache is from another batch")
@@ -322,7 +334,7 @@ def refiner_only_objective(refiner_weight: Weights = DEFAULT_REFINER_WEIGHT, ref
 
     def objective(pred: Optional[Tensor], truth: Optional[Tensor], args: Optional[MutableMapping[str, Any]]) -> Tensor:
         args = _check_args(args, who)
-        recons, targets, _, _ = _locate(args, who)
+        recons, targets, _, _ = _locate(args, who, int(pred.shape[0]) if isinstance(pred, Tensor) else None)
         if isinstance(pred, Tensor) and recons[0].shape[0] != pred.shape[0]:
             raise ValueError(f"{who}: the refiner holds a batch of {recons[0].shape[0]} but pred has "
                              f"{pred.shape[0]} rows; the ReFNet cache is from another batch")

@@ -13,9 +13,12 @@ def test_unknown_name_lists_known_names():
         create_encoder("cnn9")
 
 
-def test_none_kwargs_fall_back_to_defaults():
-    f = create_fusion("lowrank", input_dims=[3, 4], output_dim=None, rank=None)
-    assert f.out_dim == 64 and f.rank == 4  # class defaults, not None
+def test_none_kwargs_are_passed_as_given():
+    """None is a value (the CLI, not the registry, leaves out flags the user did not give)."""
+    with pytest.raises((TypeError, ValueError)):
+        create_fusion("lowrank", input_dims=[3, 4], rank=None)
+    f = create_fusion("lowrank", input_dims=[3, 4])
+    assert f.out_dim == 64 and f.rank == 4
 
 
 def test_register_and_overwrite_warns(caplog):
@@ -25,7 +28,7 @@ def test_register_and_overwrite_warns(caplog):
     def make_a(x=1):
         return ("a", x)
 
-    assert reg.create("A", x=None) == ("a", 1)  # names are case-insensitive, None dropped
+    assert reg.create("A", x=None) == ("a", None)  # names are case-insensitive, None passed through
     assert reg.names() == ["a"] and "a" in reg
     with caplog.at_level(logging.WARNING):
         reg.register("a")(lambda: "b")

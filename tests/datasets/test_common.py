@@ -190,6 +190,8 @@ def test_more_errors():
     assert str(DataKeyError("plain message")) == "plain message"
 
 
-def test_create_dataset_passes_kwargs_and_drops_none():
-    tr, _, _ = create_dataset("synthetic", n_samples=200, batch_size=None, seed=1)
+def test_create_dataset_passes_kwargs_through():
+    tr, _, _ = create_dataset("synthetic", n_samples=200, seed=1)
     assert tr.batch_size == 32  # the builder's default applied
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got None"):
+        create_dataset("synthetic", n_samples=200, batch_size=None, seed=1)  # None is a value
