@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[Any]]
 Loaders = Tuple[DataLoader, DataLoader, DataLoader]
 
-TASKS = ("classification", "multilabel", "regression")
+from multizoo_ext.tasks import TASKS  # noqa: E402  (the one owner of the task names)
 NORMALIZATIONS = ("standard", "minmax")
 
 

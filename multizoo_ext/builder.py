@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from multizoo_ext.registry import FUSIONS, OBJECTIVES, create_encoder, create_fusion, create_objective
+from multizoo_ext.tasks import default_criterion
 
 
 @dataclass
@@ -141,9 +142,9 @@ def build_model(spec: DataSpec, fusion: str = "concat", encoder: str = DEFAULT_E
 
 
 def default_objective(task: str) -> nn.Module:
-    """CrossEntropy / BCEWithLogits / MSE for classification / multilabel / regression."""
-    return {"classification": nn.CrossEntropyLoss, "multilabel": nn.BCEWithLogitsLoss,
-            "regression": nn.MSELoss}[task]()
+    """CrossEntropy / BCEWithLogits / MSE for classification / multilabel / regression
+    (alias of :func:`multizoo_ext.tasks.default_criterion`)."""
+    return default_criterion(task)
 
 
 @dataclass

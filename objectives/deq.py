@@ -33,8 +33,8 @@ from typing import Any, Callable, Mapping, MutableMapping, Optional
 from torch import Tensor, nn
 
 from multizoo_ext.fusions.deq import DEQFusion, find_deq
-from multizoo_ext.objectives.refnet import default_criterion, task_loss
 from multizoo_ext.registry import register_objective
+from multizoo_ext.tasks import default_criterion, task_loss
 
 __all__ = ["DEFAULT_JACOBIAN_WEIGHT", "deq_objective", "find_deq_in_args"]
 
