@@ -1,7 +1,7 @@
 """Data-parallel training under ``torchrun`` (one process per device, gloo on CPU, NCCL on CUDA).
 
 ``train()`` and ``pretrain()`` call into this module when the launcher set ``WORLD_SIZE > 1``;
-a single process never touches ``torch.distributed`` and runs exactly as before. Launch::
+a single process initialises nothing and runs exactly as before. Launch::
 
     torchrun --nproc_per_node 2 my_script.py          # or: multizoo-ext train --nproc 2 ...
 
@@ -13,9 +13,10 @@ What changes with W processes (see ``docs/distributed.md``):
   process reads ``1/W`` of the data with the same per-process batch size (so the effective
   batch is ``W`` times larger), the loader's shuffle is kept (the sampler's own seeded order,
   reshuffled by :func:`set_epoch` every epoch).
-- :class:`GradientSync` keeps the replicas identical: ``DistributedDataParallel`` (default) or a
-  plain all-reduce of the gradients after ``backward`` (``strategy="allreduce"``), which also
-  carries double backward, state kept on modules and parameters not reached by the forward.
+- :class:`GradientSync` keeps the replicas identical: a plain all-reduce of the gradients after
+  ``backward`` (``"allreduce"``, the default), which carries custom and double backwards,
+  state kept on modules and parameters that get no gradient, or ``DistributedDataParallel``
+  (``"ddp"``; ``MULTIZOO_DDP_STRATEGY=ddp`` makes the loops use it).
 - :func:`gather_predictions` all-gathers validation outputs and labels and drops the
   ``DistributedSampler``'s padding duplicates, so metrics equal the single-process figures.
 - rank 0 alone logs, shows progress and writes checkpoints (:func:`is_main`, :func:`barrier`).
@@ -30,12 +31,15 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
+import socket
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
+
+from multizoo_ext.training_structures.loop_utils import trainable_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ __all__ = [
     "init_from_env", "is_distributed", "world_size", "rank", "is_main", "barrier", "local_device",
     "distributed_loader", "set_epoch", "is_sharded", "gather_predictions", "all_reduce_sum",
     "broadcast_object", "GradientSync", "wrap_model", "STRATEGIES", "silence_unless_main", "trim_padding",
-    "padding_mask", "default_strategy", "run_main_first",
+    "padding_mask", "default_strategy", "run_main_first", "free_local_port",
 ]
 
 #: Ways to keep the replicas in step (see :class:`GradientSync`).
@@ -313,16 +317,6 @@ def gather_predictions(outputs: torch.Tensor, labels: torch.Tensor, loader: Opti
 
 
 # --- keeping the replicas in step -----------------------------------------------------------
-def _unique_params(modules: Iterable[nn.Module]) -> List[nn.Parameter]:
-    seen, out = set(), []
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
-
-
 def _all_reduce_mean_grads(params: Sequence[nn.Parameter]) -> None:
     """Average ``.grad`` over processes in one flat all-reduce. A parameter whose gradient is
     None on every process stays None; on some only, it counts as zero there (as in one process
@@ -369,6 +363,9 @@ def _broadcast_state(module: nn.Module, src: int = 0, buffers_only: bool = False
 class GradientSync:
     """Keeps W replicas of a model (and of extra modules an objective uses) identical.
 
+    ``strategy=None`` takes :func:`default_strategy` (``"allreduce"`` unless the environment
+    variable ``MULTIZOO_DDP_STRATEGY`` says otherwise).
+
     ``strategy="ddp"``: ``model`` is wrapped in ``DistributedDataParallel``
     (``find_unused_parameters=False``: every parameter must get a gradient each step, as
     DDP's reducer expects); the parameters of ``extra`` modules outside ``model`` are averaged
@@ -388,8 +385,9 @@ class GradientSync:
         model: the plain module (state dicts, evaluation, objectives' ``args['model']``).
     """
 
-    def __init__(self, model: nn.Module, extra: Sequence[nn.Module] = (), strategy: str = "ddp",
+    def __init__(self, model: nn.Module, extra: Sequence[nn.Module] = (), strategy: Optional[str] = None,
                  device: Union[None, str, torch.device] = None) -> None:
+        strategy = default_strategy() if strategy is None else strategy
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not is_distributed():
@@ -401,7 +399,7 @@ class GradientSync:
         for m in extra:
             _broadcast_state(m)
         in_model = {id(p) for p in model.parameters()}
-        extra_params = [p for p in _unique_params(extra) if id(p) not in in_model]
+        extra_params = [p for p in trainable_parameters(extra) if id(p) not in in_model]
         if strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -411,7 +409,7 @@ class GradientSync:
             self._synced = extra_params
         else:
             self.forward_module = model
-            self._synced = _unique_params([model]) + extra_params
+            self._synced = trainable_parameters([model]) + extra_params
 
     def after_backward(self) -> None:
         """Average the gradients DDP does not (all of them with ``"allreduce"``). Call after
@@ -424,10 +422,17 @@ class GradientSync:
             _broadcast_state(self.model, buffers_only=True)
 
 
-def wrap_model(model: nn.Module, extra: Sequence[nn.Module] = (), strategy: str = "ddp",
+def wrap_model(model: nn.Module, extra: Sequence[nn.Module] = (), strategy: Optional[str] = None,
                device: Union[None, str, torch.device] = None) -> GradientSync:
     """Shorthand for :class:`GradientSync` ``(model, extra, strategy, device)``."""
     return GradientSync(model, extra, strategy, device)
+
+
+def free_local_port() -> int:
+    """A TCP port free on the loopback interface now (for ``MASTER_PORT`` of a local launch)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_main_first(fn: Callable[[], Any]) -> Any:

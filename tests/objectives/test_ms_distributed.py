@@ -5,7 +5,6 @@ averaging (embeddings and the parameters of a DDP-wrapped layer), within 1e-6 in
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
@@ -16,6 +15,7 @@ from torch import nn
 
 from multizoo_ext.objectives.distributed import all_gather_with_grad
 from multizoo_ext.objectives.multisimilarity import MultiSimilarityLoss
+from multizoo_ext.training_structures.distributed import free_local_port
 
 WORLD = 2
 # (rows of rank 0, rows of rank 1, label kind): equal and unequal shares, class and multi-hot labels
@@ -66,16 +66,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gathered(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ms"))
-    ctx = mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=False, start_method="spawn")
+    ctx = mp.start_processes(_worker, args=(free_local_port(), out), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:

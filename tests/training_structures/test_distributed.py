@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -116,17 +115,11 @@ def _worker(out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(script: str, out: Path, *args: str, nproc: int = 2, timeout: float = 150.0) -> None:
     """Run ``script out args...`` under ``torch.distributed.run`` with ``nproc`` gloo processes."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", script, str(out), *args]
+           f"--master_port={distributed.free_local_port()}", script, str(out), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
