@@ -28,7 +28,7 @@ from multizoo_ext.fusions.refnet import ReFNet
 from multizoo_ext.objectives import deq_objective, refiner_only_objective, refnet_objective
 from multizoo_ext.training_structures import distributed
 from multizoo_ext.training_structures.self_supervised import pretrain
-from multizoo_ext.training_structures.supervised import MMDL, train
+from multizoo_ext.training_structures.supervised import MMDL, evaluate, train
 from multizoo_ext.unimodals.common_models import MLP
 
 BATCH = 8  # single-process batch; each of the 2 processes reads BATCH // 2
@@ -105,8 +105,22 @@ def run_scenario(name: str, batch: int, save: str | None = None) -> dict:
                 "history": res.history, "best_epoch": res.best_epoch}
 
 
+def evaluate_padded(shuffle: bool) -> dict:
+    """Validation metrics of a fixed model on 11 samples (2 processes: one padding duplicate),
+    batch 2, with a loss; in a process group the loader is sharded and the outputs gathered."""
+    with _float64_and_fixed_penalty():
+        encoders, fusion, head, _ = _modules("concat")
+        model = MMDL(encoders, fusion, head)
+        loader = DataLoader(_data(11, 3), batch_size=2, shuffle=shuffle)
+        if distributed.is_distributed():
+            loader = distributed.distributed_loader(loader, seed=0)
+        return evaluate(model, loader, "classification", torch.nn.CrossEntropyLoss(), input_to_float=False)
+
+
 def _worker(out: str) -> None:
     world = int(os.environ["WORLD_SIZE"])
+    distributed.init_from_env()
+    torch.save([evaluate_padded(False), evaluate_padded(True)], os.path.join(out, f"eval_rank{dist.get_rank()}.pt"))
     for strategy in STRATEGIES:
         os.environ["MULTIZOO_DDP_STRATEGY"] = strategy
         for name in SCENARIOS:
@@ -160,6 +174,21 @@ def test_two_processes_equal_one_process_at_twice_the_batch(two_process_run, nam
         encoders, fusion, head, _ = _modules(name)
         init = MMDL(encoders, fusion, head if name != "pretrain" else torch.nn.Identity()).state_dict()
     assert max(float((single["params"][k] - v).abs().max()) for k, v in init.items() if v.numel()) > 1e-3
+
+
+@needs_gloo
+def test_validation_metrics_of_two_processes_drop_the_padding(two_process_run):
+    single = evaluate_padded(False)
+    assert single["n"] == 11
+    for r in (0, 1):
+        for res in _load_eval(two_process_run, r):  # shuffle=False, then shuffle=True
+            assert res.keys() == single.keys() and res["n"] == 11
+            for key, value in single.items():
+                assert res[key] == pytest.approx(value, abs=1e-12, nan_ok=True), key
+
+
+def _load_eval(out: Path, rank: int) -> list:
+    return torch.load(out / f"eval_rank{rank}.pt", weights_only=False)
 
 
 @needs_gloo
