@@ -215,7 +215,7 @@ def padding_mask(loader: DataLoader) -> Optional[torch.Tensor]:
     return positions >= len(sampler.dataset)
 
 
-def trim_padding(loader: DataLoader, seen: int, *rows: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+def trim_padding(loader: DataLoader, seen: int, *rows: torch.Tensor) -> Tuple[int, Tuple[torch.Tensor, ...]]:
     """Drop from a batch the rows that are the sampler's padding duplicates.
 
     Args:
@@ -224,17 +224,22 @@ def trim_padding(loader: DataLoader, seen: int, *rows: torch.Tensor) -> Tuple[to
         rows: tensors whose first dimension is the batch.
 
     Returns:
-        ``rows``, each without its padding rows (unchanged when there are none).
+        ``(count, rows)``: the number of real (non-padding) rows and ``rows`` without the
+        padding rows. A batch of padding only comes back whole with ``count`` 0, so that an
+        objective that communicates (e.g. a gathered Multi-Similarity) is still called on
+        every process; weight its loss by ``count``.
     """
+    b = rows[0].shape[0]
     mask = padding_mask(loader)
     if mask is None:
-        return rows
-    b = rows[0].shape[0]
+        return b, rows
     pad = mask[seen:seen + b]
     if not bool(pad.any()):
-        return rows
+        return b, rows
     keep = (~pad).nonzero().squeeze(1)
-    return tuple(r[keep.to(r.device)] for r in rows)
+    if keep.numel() == 0:
+        return 0, rows
+    return int(keep.numel()), tuple(r[keep.to(r.device)] for r in rows)
 
 
 def default_strategy() -> str:

@@ -170,13 +170,12 @@ def evaluate(model: nn.Module, loader: Iterable, task: str = "classification", o
             if objective is not None:
                 if objective_args_dict is not None:
                     objective_args_dict.update(reps=model.reps, fused=model.fuseout, inputs=inputs, training=False)
-                pred, label = out, _loss_input(objective, truth, checked)
+                pred, label, count = out, _loss_input(objective, truth, checked), out.shape[0]
                 if sharded:  # the loss without the sampler's padding duplicates
-                    pred, label = distributed.trim_padding(loader, n, pred, label)
-                if pred.shape[0]:
-                    loss = deal_with_objective(objective, pred, label, objective_args_dict)
-                    total += float(loss) * pred.shape[0]
-                n_loss += pred.shape[0]
+                    count, (pred, label) = distributed.trim_padding(loader, n, pred, label)
+                loss = deal_with_objective(objective, pred, label, objective_args_dict)
+                total += float(loss) * count
+                n_loss += count
             n += out.shape[0]
             outs.append(out.detach().float().cpu())
             truths.append(checked.detach().cpu())

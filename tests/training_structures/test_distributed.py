@@ -107,11 +107,12 @@ def run_scenario(name: str, batch: int, save: str | None = None) -> dict:
 
 def evaluate_padded(shuffle: bool) -> dict:
     """Validation metrics of a fixed model on 11 samples (2 processes: one padding duplicate),
-    batch 2, with a loss; in a process group the loader is sharded and the outputs gathered."""
+    batch 5 (rank 1's last batch is the padding alone), with a loss; in a process group the
+    loader is sharded and the outputs gathered."""
     with _float64_and_fixed_penalty():
         encoders, fusion, head, _ = _modules("concat")
         model = MMDL(encoders, fusion, head)
-        loader = DataLoader(_data(11, 3), batch_size=2, shuffle=shuffle)
+        loader = DataLoader(_data(11, 3), batch_size=5, shuffle=shuffle)
         if distributed.is_distributed():
             loader = distributed.distributed_loader(loader, seed=0)
         return evaluate(model, loader, "classification", torch.nn.CrossEntropyLoss(), input_to_float=False)
@@ -217,9 +218,14 @@ def test_gather_predictions_restores_dataset_order_without_padding():
     assert distributed.padding_mask(sharded[0]).tolist() == [False] * 4
     assert distributed.padding_mask(sharded[1]).tolist() == [False, False, False, True]
     # the last batch of rank 1 loses its padding row (a repeat of sample 0)
-    last = torch.tensor([5.0, 0.0])
-    (kept,) = distributed.trim_padding(sharded[1], 2, last)
-    assert kept.tolist() == [5.0]
+    count, (kept,) = distributed.trim_padding(sharded[1], 2, torch.tensor([5.0, 0.0]))
+    assert count == 1 and kept.tolist() == [5.0]
+    count, (kept,) = distributed.trim_padding(sharded[1], 0, torch.tensor([1.0, 3.0]))
+    assert count == 2 and kept.tolist() == [1.0, 3.0]
+    # a batch of padding only comes back whole, counted 0 (the objective is still called)
+    sharded_1 = distributed.distributed_loader(DataLoader(ds, batch_size=3), num_replicas=2, rank_=1)
+    count, (kept,) = distributed.trim_padding(sharded_1, 3, torch.tensor([0.0]))
+    assert count == 0 and kept.tolist() == [0.0]
 
 
 def test_distributed_loader_keeps_batch_size_and_shuffle():
