@@ -4,7 +4,8 @@ steps, same validation metrics, for Concat, ReFNet (refiner + cross-process Mult
 and DEQ fusion (implicit backward + Jacobian penalty, a double backward).
 
 This file is also the worker script: ``python -m torch.distributed.run --nproc_per_node 2
-test_distributed.py OUT STRATEGY`` runs every scenario and saves each rank's results in OUT.
+test_distributed.py OUT`` runs every scenario under both strategies and saves each rank's
+results in OUT.
 """
 from __future__ import annotations
 
@@ -73,9 +74,10 @@ def _modules(name: str):
     encoders = [MLP(5, 8, 4), MLP(7, 8, 4)]
     if name == "concat":
         fusion, objective = Concat([4, 4]), torch.nn.CrossEntropyLoss()
-    elif name in ("refnet", "pretrain"):
+    elif name in ("refnet", "refnet_local", "pretrain"):
         fusion = ReFNet(Concat([4, 4]), [4, 4], dropout=0.0)
-        objective = refnet_objective(ms_weight=0.5, ms_gather=True) if name == "refnet" else refiner_only_objective()
+        objective = (refiner_only_objective() if name == "pretrain"
+                     else refnet_objective(ms_weight=0.5, ms_gather=name == "refnet"))
     else:
         fusion = DEQFusion([4, 4], width=4, num_groups=2, f_tol=1e-12, b_tol=1e-12, f_max_iter=80, b_max_iter=80,
                            implicit_max_residual=None, jac_reg=True)
@@ -127,6 +129,8 @@ def _worker(out: str) -> None:
         for name in SCENARIOS:
             res = run_scenario(name, BATCH // world, save=os.path.join(out, f"{name}_{strategy}.pt"))
             torch.save(res, os.path.join(out, f"{name}_{strategy}_rank{dist.get_rank()}.pt"))
+    res = run_scenario("refnet_local", BATCH // world)  # Multi-Similarity of each process's batch alone
+    torch.save(res, os.path.join(out, f"refnet_local_allreduce_rank{dist.get_rank()}.pt"))
     dist.destroy_process_group()
 
 
@@ -175,6 +179,14 @@ def test_two_processes_equal_one_process_at_twice_the_batch(two_process_run, nam
         encoders, fusion, head, _ = _modules(name)
         init = MMDL(encoders, fusion, head if name != "pretrain" else torch.nn.Identity()).state_dict()
     assert max(float((single["params"][k] - v).abs().max()) for k, v in init.items() if v.numel()) > 1e-3
+
+
+@needs_gloo
+def test_without_gather_multi_similarity_is_another_loss(two_process_run):
+    # each process mining pairs in its own half batch trains differently: what gather=True fixes
+    local = _load(two_process_run, "refnet_local", "allreduce", 0)
+    single = single_run("refnet")
+    assert max(float((local["params"][k] - v).abs().max()) for k, v in single["params"].items()) > 1e-4
 
 
 @needs_gloo
