@@ -211,7 +211,7 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
                      ms_beta: float = DEFAULT_MS["beta"], ms_base: float = DEFAULT_MS["base"],
                      ms_epsilon: float = DEFAULT_MS["epsilon"], task: str = "classification",
                      refiner_kwargs: Optional[Dict[str, Any]] = None,
-                     eval_full_loss: bool = False, ms_gather: bool = False) -> Objective:
+                     eval_full_loss: bool = False, ms_gather: bool = True) -> Objective:
     """Supervised ReFNet objective for MultiBench's ``train`` (and ours).
 
     Args:
@@ -232,7 +232,8 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
             Multi-Similarity terms. Default: False (task loss only; module docstring).
         ms_gather: under data-parallel training, mine the Multi-Similarity pairs in the
             global batch of all processes (``MultiSimilarityLoss(gather=True)``), so that W
-            processes train as one process on their concatenated batches. Default: False.
+            processes train as one process on their concatenated batches. No effect in a
+            single process. Default: True (False: each process's batch on its own).
 
     Returns:
         ``objective(pred, truth, args) -> scalar``, the total loss on ``pred``'s device. Its
