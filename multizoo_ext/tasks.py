@@ -160,7 +160,7 @@ def check_labels(truth: Tensor, task: str, n_out: Optional[int] = None, where: s
         if y.numel() == 0:
             return y.long()
         if y.is_floating_point():
-            ok = y == y.round()  # also False for NaN; Inf passes here and fails the range check
+            ok = (y == y.round()) & torch.isfinite(y)
             if not bool(ok.all()):
                 raise ValueError(f"{where}: classification labels must be integral class indices, got "
                                  f"non-integer values such as {_bad_values(y, ok)} (they would be truncated)")

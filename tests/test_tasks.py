@@ -46,6 +46,8 @@ def test_classification_labels():
         check_labels(torch.tensor([0, -1, 1]), "classification", 2)
     with pytest.raises(ValueError, match="non-integer values such as nan"):
         check_labels(torch.tensor([0.0, math.nan]), "classification", 2)
+    with pytest.raises(ValueError, match="non-integer values such as inf"):
+        check_labels(torch.tensor([0.0, math.inf]), "classification")  # width unknown: still refused
     with pytest.raises(ValueError, match=r"shape \(B,\) or \(B, 1\).*got \(3, 2\)"):
         check_labels(torch.zeros(3, 2), "classification", 2)
     with pytest.raises(ValueError, match="model produced 4 outputs but the batch holds 3 labels"):

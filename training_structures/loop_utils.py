@@ -81,7 +81,7 @@ class NonFiniteLossError(FloatingPointError):
         epoch, batch: where the loss became non-finite (epoch 0-based, batch 1-based).
     """
 
-    def __init__(self, message: str, result: Any, epoch: int, batch: int) -> None:
+    def __init__(self, message: str, result: Any = None, epoch: int = -1, batch: int = -1) -> None:
         super().__init__(message)
         self.result = result
         self.history: List[Dict[str, float]] = list(getattr(result, "history", []))

@@ -83,7 +83,7 @@ from torch.nn import functional as F
 
 import multizoo_ext.fusions
 from multizoo_ext.fusions.deq import DEQ_DEFAULTS, DEQFusion
-from multizoo_ext.fusions.deq_solvers import anderson, fixed_point_iter
+from multizoo_ext.fusions.deq.solvers import anderson, fixed_point_iter
 
 logger = logging.getLogger("multizoo_ext.bench.deq")
 

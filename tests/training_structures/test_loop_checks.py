@@ -2,6 +2,7 @@
 test), regression targets reshaped without broadcasting, arguments validated before any work,
 NaN stops that keep and name the best checkpoint, pre-training checkpoints as it goes."""
 import math
+import pickle
 import warnings
 
 import pytest
@@ -217,6 +218,8 @@ def test_nan_in_the_first_epoch_says_nothing_was_kept():
         train(*parts(), loader("classification"), loader("classification"), 2, save=None,
               objective=lambda p, t, a: p.sum() * math.nan)
     assert info.value.history == [] and info.value.best_epoch == -1 and info.value.checkpoint is None
+    back = pickle.loads(pickle.dumps(info.value))  # crosses process boundaries (parallel runners)
+    assert str(back) == str(info.value) and back.best_epoch == -1 and (back.epoch, back.batch) == (0, 1)
 
 
 def test_pretrain_nan_at_a_late_epoch_keeps_the_best_checkpoint(tmp_path):
