@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 from multizoo_ext.checkpoint import load_checkpoint
-from multizoo_ext.fusions import deq as deq_module
+from multizoo_ext.fusions.deq import fusion as deq_module  # the module whose jacobian_penalty the forward calls
 from multizoo_ext.fusions.common_fusions import Concat
 from multizoo_ext.fusions.deq import DEQFusion
 from multizoo_ext.fusions.refnet import ReFNet
