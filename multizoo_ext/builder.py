@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from multizoo_ext.registry import FUSIONS, OBJECTIVES, create_encoder, create_fusion, create_objective
+from multizoo_ext.registry import FUSIONS, OBJECTIVES, create_dataset, create_encoder, create_fusion, create_objective
+from multizoo_ext.utils import seed_everything
 from multizoo_ext.tasks import default_criterion
 
 
@@ -264,3 +265,23 @@ def rebuild_method(settings: Mapping[str, Any]) -> Method:
                             fusion_lr_mult=settings.get("fusion_lr_mult"))
     except KeyError as exc:
         raise ValueError(f"method settings lack {exc.args[0]!r}; expected the dict Method.settings records") from None
+
+
+# The order of seeding that makes a run depend on its settings alone. The CLI's ``train`` and
+# the benchmark runner both follow it, so the same seed and settings give the same numbers:
+#   layout = infer_data_spec(seeded_loaders(...)[0])    # a pass over a throw-away loader
+#   method = seeded_method(layout, ...)                 # initial weights from the seed
+#   loaders = seeded_loaders(...)                       # a fresh shuffle order from the seed
+def seeded_loaders(dataset: str, seed: int, batch_size: int, **data_kwargs: Any) -> Tuple[Any, Any, Any]:
+    """Fresh ``(train, valid, test)`` loaders of a registered dataset, the global RNGs seeded
+    with ``seed`` first (a new shuffle generator each call: a run never continues another
+    run's data order)."""
+    seed_everything(seed)
+    return create_dataset(dataset, batch_size=batch_size, seed=seed, **data_kwargs)
+
+
+def seeded_method(spec: DataSpec, fusion: str, seed: int, **kwargs: Any) -> Method:
+    """:func:`build_method` with the global RNGs seeded with ``seed`` first (repeatable
+    initial weights)."""
+    seed_everything(seed)
+    return build_method(spec, fusion, **kwargs)

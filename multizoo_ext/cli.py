@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from multizoo_ext import __version__
-from multizoo_ext.registry import create_dataset, list_datasets, list_fusions
+from multizoo_ext.registry import list_datasets, list_fusions
 
 logger = logging.getLogger("multizoo_ext.cli")
 
@@ -91,19 +91,17 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
     :func:`multizoo_ext.builder.build_method`, the builder the benchmark runner uses too, so
     ``train --fusion X`` trains X as its registered recipe says.
     """
-    from multizoo_ext.builder import build_method, infer_data_spec
+    from multizoo_ext.builder import infer_data_spec, seeded_loaders, seeded_method
     from multizoo_ext.runs import new_run_dir, prepare_output
     from multizoo_ext.training_structures.supervised import test, train
-    from multizoo_ext.utils import seed_everything
 
-    seed_everything(args.seed)
     data_kwargs = _merged(args.data_arg)
-    train_dl, valid_dl, test_dl = create_dataset(args.dataset, batch_size=args.batch_size, seed=args.seed,
-                                                 **data_kwargs)
-    spec = infer_data_spec(train_dl)
-    method = build_method(spec, args.fusion, encoder=args.encoder, hidden=args.hidden, embed_dim=args.embed_dim,
-                          fusion_kwargs=_merged(args.fusion_arg), objective=args.objective,
-                          objective_kwargs=_merged(args.objective_arg), fusion_lr_mult=args.fusion_lr_mult)
+    # the runner's order of seeding (multizoo_ext.builder): same seed and settings, same numbers
+    spec = infer_data_spec(seeded_loaders(args.dataset, args.seed, args.batch_size, **data_kwargs)[0])
+    method = seeded_method(spec, args.fusion, args.seed, encoder=args.encoder, hidden=args.hidden,
+                           embed_dim=args.embed_dim, fusion_kwargs=_merged(args.fusion_arg), objective=args.objective,
+                           objective_kwargs=_merged(args.objective_arg), fusion_lr_mult=args.fusion_lr_mult)
+    train_dl, valid_dl, test_dl = seeded_loaders(args.dataset, args.seed, args.batch_size, **data_kwargs)
     from multizoo_ext.training_structures import distributed
 
     distributed.init_from_env()  # under --nproc / torchrun: rank 0 picks and prepares the folder
@@ -170,54 +168,55 @@ def format_results(row: Dict[str, Any]) -> str:
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(vals) + " |"])
 
 
-# --- benchmark subcommand (options and runner live in multizoo_ext/benchmark.py) ---
-def _add_benchmark_parser(sub: Any) -> None:
-    from multizoo_ext.benchmark import add_benchmark_arguments
+# --- benchmark subcommand (options and runner live in multizoo_ext/runner/) ---
+def _add_benchmark_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    from multizoo_ext.runner import add_benchmark_arguments
 
-    p = sub.add_parser("benchmark", help="run a grid of fusions x datasets x seeds and print a mean ± std table",
-                       description="Train every --fusions on every --datasets for every --seeds with one config, "
-                                   "plus a best-single-modality and a logistic-regression baseline per dataset. "
-                                   "Writes results.json (every run; resumable: finished runs are reused), "
-                                   "results.md (mean ± std table) and figures (with matplotlib) to --output.")
+    p = sub.add_parser("benchmark", parents=list(parents), help="run a grid of fusions x datasets x seeds and print a mean ± std table",
+                       description="Train every --fusions on every --datasets for every --seeds with one config "
+                                   "(each fusion as its registered recipe says, with your overrides), plus a "
+                                   "best-single-modality and a logistic-regression baseline per dataset. Writes one "
+                                   "file per run to --output/runs/ as it finishes (resumable: finished runs are "
+                                   "reused; several runners may share a folder), results.json (index), results.md "
+                                   "(mean ± std tables), results.csv, summary.csv, config.json and figures (with "
+                                   "matplotlib).")
     add_benchmark_arguments(p)
 
 
 def _run_benchmark_command(args: argparse.Namespace) -> int:
-    from multizoo_ext.benchmark import config_from_args, run_benchmark
+    from multizoo_ext.runner import config_from_args, run_benchmark
+    from multizoo_ext.runner.options import source_of
 
     try:
-        runs = run_benchmark(config_from_args(args))
+        runs = run_benchmark(config_from_args(args), config_text=source_of(args))
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(runs.markdown)
     print(f"{runs.computed} run(s) computed, {runs.reused} reused from an earlier run")
-    for path in [runs.json_path, runs.markdown_path, *runs.figures]:
+    if runs.moved_to is not None:
+        print(f"moved the earlier results to {runs.moved_to}")
+    for path in runs.paths:
         print(f"wrote {path}")
     return 0
 
 
-# --- bench subcommand: the measurement scripts (code in multizoo_ext/bench/, see its docstring) ---
-def _add_bench_parser(sub: Any) -> None:
-    from multizoo_ext.bench import SCRIPTS
-
-    p = sub.add_parser("bench", help="run a measurement script of benchmarks/ (ms, deq, refnet)",
-                       description="Run one of the measurement scripts of benchmarks/ with the arguments that "
-                                   "follow, passed through unchanged: 'multizoo-ext bench ms --batches 128' is "
-                                   "'python benchmarks/bench_multisimilarity.py --batches 128'. "
-                                   "'multizoo-ext bench NAME --help' shows the script's own options.",
-                       epilog="scripts:\n" + "\n".join(f"  {name:<8} {entry['help']}"
-                                                        for name, entry in SCRIPTS.items()),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("script", choices=list(SCRIPTS), help="which script: " + ", ".join(SCRIPTS))
-    p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS",
-                   help="the script's own arguments (see 'multizoo-ext bench NAME --help')")
+#: What a user's input can raise on its way through a command: reported in one line, exit 2.
+_USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError, zipfile.BadZipFile,
+                pickle.UnpicklingError)
 
 
-def _run_bench_command(args: argparse.Namespace) -> int:
-    from multizoo_ext.bench import run_script
-
-    return run_script(args.script, args.script_args, prog=f"multizoo-ext bench {args.script}")
+def _guarded(command: Any, args: argparse.Namespace) -> Any:
+    """Run ``command(args)``; a user error becomes one line on stderr (and None); -v also
+    logs its traceback."""
+    try:
+        return command(args)
+    except _USER_ERRORS as exc:
+        if getattr(args, "verbose", False):
+            logger.info("traceback of the error below", exc_info=True)
+        text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"error: {text or type(exc).__name__}", file=sys.stderr)
+        return None
 
 
 def _relaunch_distributed(nproc: int, argv: Sequence[str]) -> int:
@@ -240,24 +239,6 @@ def _relaunch_distributed(nproc: int, argv: Sequence[str]) -> int:
            "-m", "multizoo_ext", *rest]
     logger.info("launching %s", " ".join(cmd))
     return subprocess.call(cmd)
-
-
-#: What a user's input can raise on its way through a command: reported in one line, exit 2.
-_USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError, zipfile.BadZipFile,
-                pickle.UnpicklingError)
-
-
-def _guarded(command: Any, args: argparse.Namespace) -> Any:
-    """Run ``command(args)``; a user error becomes one line on stderr (and None); -v also
-    logs its traceback."""
-    try:
-        return command(args)
-    except _USER_ERRORS as exc:
-        if getattr(args, "verbose", False):
-            logger.info("traceback of the error below", exc_info=True)
-        text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"error: {text or type(exc).__name__}", file=sys.stderr)
-        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,16 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_list = sub.add_parser("list", parents=[verbose],
                             help="list the datasets, fusions, encoders and objectives train accepts")
     p_list.set_defaults(command="list")
-    _add_benchmark_parser(sub)
-    _add_bench_parser(sub)
+    _add_benchmark_parser(sub, [verbose])
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "bench":  # before logging.basicConfig: the scripts set up their own output
-        return _run_bench_command(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "list":

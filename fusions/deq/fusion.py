@@ -42,7 +42,7 @@ from multizoo_ext.fusions.deq.backward import (
 from multizoo_ext.fusions.deq.solvers import Solver, get_solver
 from multizoo_ext.fusions.deq.staged import solve_staged
 from multizoo_ext.registry import Recipe, register_fusion
-from multizoo_ext.validation import check_modalities, check_widths
+from multizoo_ext.validation import check_fusion_inputs, check_input_dims
 
 __all__ = ["DEQ_DEFAULTS", "DEQDefaults", "DEQFusion", "find_deq"]
 
@@ -291,7 +291,6 @@ class DEQFusion(nn.Module):
             stage, in ``info['stages']``, when ``staged``). Default: False.
         solver_kwargs: extra solver options for both solves (e.g. ``{'m': 5, 'lam': 1e-4,
             'beta': 1.0, 'check_every': 4}``); solver defaults otherwise.
-        check_inputs: raise on NaN/Inf inputs (one host sync per forward). Default: True.
         warn_every: log non-convergence at WARNING at most once per this many forwards.
             Default: 100.
 
@@ -327,9 +326,9 @@ class DEQFusion(nn.Module):
                  staged: bool = DEQ_DEFAULTS.staged, staged_backward: bool = DEQ_DEFAULTS.staged_backward,
                  implicit_max_residual: Optional[float] = DEQ_DEFAULTS.implicit_max_residual,
                  trace: bool = False, solver_kwargs: Optional[Mapping[str, Any]] = None,
-                 check_inputs: bool = True, warn_every: int = DEQ_DEFAULTS.warn_every) -> None:
+                 warn_every: int = DEQ_DEFAULTS.warn_every) -> None:
         super().__init__()
-        self.input_dims = self._dims(input_dims)
+        self.input_dims = check_input_dims(input_dims, "DEQFusion")
         if int(num_groups) < 1:
             raise ValueError(f"DEQFusion: num_groups must be >= 1, got {num_groups}")
         self.num_groups = int(num_groups)
@@ -380,7 +379,6 @@ class DEQFusion(nn.Module):
             implicit_max_residual=implicit_max_residual)
         self.jac_reg = bool(jac_reg)
         self.jac_vectors = int(jac_vectors)
-        self.check_inputs = bool(check_inputs)
         self.warn_every = int(warn_every)
         self.last_info: Optional[Dict[str, Any]] = None
         self.jac_loss: Optional[torch.Tensor] = None
@@ -393,20 +391,6 @@ class DEQFusion(nn.Module):
         self._jac_unused_warned = False
         self._stats = _ConvergenceCounts()          # for convergence_stats()
         self._window = _ConvergenceCounts()         # for the rate-limited warning
-
-    @staticmethod
-    def _dims(input_dims: Sequence[int]) -> List[int]:
-        if input_dims is None or isinstance(input_dims, (str, bytes)):
-            raise TypeError(f"DEQFusion: input_dims must be a sequence of positive ints, got {input_dims!r}")
-        try:
-            dims = [int(d) for d in input_dims]
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"DEQFusion: input_dims must be a sequence of positive ints, got {input_dims!r}") from exc
-        if len(dims) < 2:
-            raise ValueError(f"DEQFusion fuses at least 2 modalities, got input_dims {dims}")
-        if any(d <= 0 for d in dims):
-            raise ValueError(f"DEQFusion: input_dims must be positive, got {dims}")
-        return dims
 
     @property
     def num_modalities(self) -> int:
@@ -486,29 +470,12 @@ class DEQFusion(nn.Module):
         return self._solve(f, z0)
 
     def _check(self, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        check_modalities(inputs, self.num_modalities, "DEQFusion")
-        flat = [torch.flatten(x, 1) for x in inputs]                   # (B, d_i)
-        check_widths(flat, self.input_dims, "DEQFusion")
-        if not all(x.is_floating_point() for x in flat):
-            raise TypeError(f"DEQFusion expects floating-point inputs, got {[x.dtype for x in flat]}")
         param = self.weights
-        for i, x in enumerate(flat):
-            if x.device != param.device:
-                raise ValueError(f"DEQFusion: input of modality {i} is on {x.device} but the fusion's "
-                                 f"parameters are on {param.device}; move one with .to(device)")
-            if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
-                to = {torch.float64: ".double()", torch.float16: ".half()",
-                      torch.bfloat16: ".bfloat16()"}.get(x.dtype, f".to({x.dtype})")
-                raise TypeError(f"DEQFusion: input of modality {i} is {str(x.dtype)[6:]}, expected "
-                                f"{str(param.dtype)[6:]} like the fusion's parameters; call {to} on "
-                                f"the fusion or cast the inputs")
-        if self.check_inputs:
-            bad = [i for i, ok in enumerate(torch.stack([torch.isfinite(x).all() for x in flat]).tolist())
-                   if not ok]
-            if bad:
-                raise ValueError(f"DEQFusion: input(s) of modality {bad} contain NaN/Inf values; "
-                                 f"clean or impute the data before fusing")
-        return flat
+        bad = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.device != param.device]
+        if bad:
+            raise ValueError(f"DEQFusion: input of modality {bad[0]} is on {inputs[bad[0]].device} but the fusion's "
+                             f"parameters are on {param.device}; move one with .to(device)")
+        return check_fusion_inputs(inputs, "DEQFusion", self.input_dims, param.dtype)  # (B, d_i) each
 
     @staticmethod
     def _detach_info(info: Dict[str, Any]) -> Dict[str, Any]:

@@ -228,7 +228,7 @@ def test_nan_input_raises_at_the_boundary():
 def test_bad_construction_and_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="width 10 is not divisible by num_groups 4"):
         DEQFusion([5, 7], width=10, num_groups=4)
-    with pytest.raises(ValueError, match="at least 2 modalities"):
+    with pytest.raises(ValueError, match="at least 2 widths"):
         DEQFusion([5])
     with pytest.raises(ValueError, match="unknown DEQ solver 'newton'"):
         DEQFusion([5, 7], solver="newton")
@@ -457,8 +457,8 @@ def test_solvers_by_name_or_callable(monkeypatch):
 
 def test_inputs_unlike_the_parameters_are_refused_clearly():
     fusion = DEQFusion([5, 7], width=8)
-    with pytest.raises(TypeError, match="modality 0 is float64, expected float32 like the fusion's "
-                                        "parameters; call .double\\(\\)"):
+    with pytest.raises(TypeError, match="expected float32 inputs like the fusion's parameters, got float64, "
+                                        "float64; call fusion.double\\(\\)"):
         fusion(_inputs([5, 7], dtype=torch.float64))
     with pytest.raises(ValueError, match="NaN/Inf"):
         fusion([torch.full((2, 5), float("nan")), torch.zeros(2, 7)])
