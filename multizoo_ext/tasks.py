@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,25 @@ def check_task(task: str) -> str:
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     return task
+
+
+#: Criteria whose type tells the task (MultiBench's plain losses and their relatives).
+_TASK_OF_CRITERION = ((nn.BCEWithLogitsLoss, "multilabel"), (nn.BCELoss, "multilabel"),
+                      (nn.MultiLabelSoftMarginLoss, "multilabel"), (nn.MSELoss, "regression"),
+                      (nn.L1Loss, "regression"), (nn.SmoothL1Loss, "regression"), (nn.HuberLoss, "regression"),
+                      (nn.CrossEntropyLoss, "classification"), (nn.NLLLoss, "classification"))
+
+
+def resolve_task(task: Optional[str], criterion: Optional[Callable[..., Any]] = None) -> str:
+    """The task an objective serves: ``task`` when given (checked), else the one its
+    criterion implies (BCEWithLogits -> multilabel, MSE / L1 -> regression), else
+    classification."""
+    if task is not None:
+        return check_task(task)
+    for cls, implied in _TASK_OF_CRITERION:
+        if isinstance(criterion, cls):
+            return implied
+    return "classification"
 
 
 def default_criterion(task: str) -> nn.Module:

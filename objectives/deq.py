@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from multizoo_ext.fusions.deq import DEQFusion, find_deq
 from multizoo_ext.registry import register_objective
-from multizoo_ext.tasks import default_criterion, task_loss
+from multizoo_ext.tasks import default_criterion, resolve_task, task_loss
 
 __all__ = ["DEFAULT_JACOBIAN_WEIGHT", "deq_objective", "find_deq_in_args"]
 
@@ -67,7 +67,7 @@ def find_deq_in_args(args: Optional[Mapping[str, Any]]) -> Optional[DEQFusion]:
 @register_objective("deq")
 def deq_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
                   jacobian_weight: float = DEFAULT_JACOBIAN_WEIGHT,
-                  task: str = "classification") -> Objective:
+                  task: Optional[str] = None) -> Objective:
     """Task loss plus the DEQ fusion's Jacobian penalty, for MultiBench's ``train``.
 
     Args:
@@ -75,7 +75,8 @@ def deq_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]] =
             Default: MultiBench's loss for ``task`` (CrossEntropy / BCEWithLogits / MSE).
         jacobian_weight: weight of ``jac_loss``, finite and >= 0; 0 gives the task loss
             alone. Default: 0.1.
-        task: used only when ``task_criterion`` is None.
+        task: used only when ``task_criterion`` is None: its default criterion. Default:
+            classification.
 
     Returns:
         ``objective(pred, truth, args) -> scalar``. In validation (``args['training']``
@@ -102,7 +103,7 @@ def deq_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]] =
     weight = float(jacobian_weight)
     if not (math.isfinite(weight) and weight >= 0):
         raise ValueError(f"deq_objective: jacobian_weight must be >= 0 and finite, got {jacobian_weight}")
-    criterion = default_criterion(task) if task_criterion is None else task_criterion
+    criterion = default_criterion(resolve_task(task)) if task_criterion is None else task_criterion
 
     def objective(pred: Tensor, truth: Tensor, args: Optional[MutableMapping[str, Any]] = None) -> Tensor:
         loss = task_loss(criterion, pred, truth)

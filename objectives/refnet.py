@@ -50,7 +50,7 @@ from multizoo_ext.fusions.refnet import ReFNet, find_refnet
 from multizoo_ext.objectives.multisimilarity import MultiSimilarityLoss
 from multizoo_ext.objectives.refiner import DEFAULT_REFINER_WEIGHT, REFINER_KINDS, RefinerLoss
 from multizoo_ext.registry import register_objective
-from multizoo_ext.tasks import check_task, default_criterion, task_loss
+from multizoo_ext.tasks import default_criterion, resolve_task, task_loss
 
 __all__ = [
     "refnet_objective",
@@ -209,7 +209,7 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
                      refiner_weight: Weights = DEFAULT_REFINER_WEIGHT, refiner_loss: str = "cosine",
                      ms_weight: Optional[float] = None, ms_alpha: float = DEFAULT_MS["alpha"],
                      ms_beta: float = DEFAULT_MS["beta"], ms_base: float = DEFAULT_MS["base"],
-                     ms_epsilon: float = DEFAULT_MS["epsilon"], task: str = "classification",
+                     ms_epsilon: float = DEFAULT_MS["epsilon"], task: Optional[str] = None,
                      refiner_kwargs: Optional[Dict[str, Any]] = None,
                      eval_full_loss: bool = False, ms_gather: bool = True) -> Objective:
     """Supervised ReFNet objective for MultiBench's ``train`` (and ours).
@@ -226,7 +226,9 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
         ms_alpha, ms_beta, ms_base, ms_epsilon: Multi-Similarity positive scale, negative
             scale, offset and mining margin. Defaults: 2, 50, 0.5, 0.1 (paper).
         task: "classification" (labels ``(B,)``/``(B, 1)``), "multilabel" (multi-hot
-            ``(B, K)``) or "regression" (no Multi-Similarity).
+            ``(B, K)``) or "regression" (no Multi-Similarity). Default (None): the one
+            ``task_criterion`` implies (``BCEWithLogitsLoss`` -> multilabel, ``MSELoss`` /
+            ``L1Loss`` -> regression), else classification.
         refiner_kwargs: extra arguments for ``RefinerLoss`` (e.g. its contrastive threshold).
         eval_full_loss: in validation (``args['training']`` False) also add the refiner and
             Multi-Similarity terms. Default: False (task loss only; module docstring).
@@ -244,7 +246,7 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
         ValueError: bad task / weights / loss name, ``ms_weight > 0`` with regression; when
             called, ``args`` is None or no ReFNet / refiner can be found, or shapes disagree.
     """
-    check_task(task)
+    task = resolve_task(task, task_criterion)
     if ms_weight is None:
         ms_weight = 0.0 if task == "regression" else DEFAULT_MS_WEIGHT
     if isinstance(ms_weight, bool) or not isinstance(ms_weight, (int, float)) or not ms_weight >= 0 \

@@ -106,3 +106,27 @@ def test_prepare_truth_and_task_loss():
     marker = object()
     assert task_loss(lambda p, t: marker, pred, torch.zeros(4)) is marker  # other criteria: labels as they came
     assert set(tasks.__all__) >= {"TASKS", "default_criterion", "prepare_truth", "task_loss", "check_labels"}
+
+
+def test_refnet_objective_takes_the_task_from_its_criterion():
+    """refnet_objective(nn.BCEWithLogitsLoss()) on multi-hot labels: the Multi-Similarity term
+    reads them as multilabel without task= (the criterion says so)."""
+    import torch
+    from torch import nn
+
+    from multizoo_ext.fusions import Concat, ReFNet
+    from multizoo_ext.objectives import refnet_objective
+    from multizoo_ext.tasks import resolve_task
+
+    assert resolve_task(None, nn.BCEWithLogitsLoss()) == "multilabel"
+    assert resolve_task(None, nn.MSELoss()) == "regression"
+    assert resolve_task(None, None) == "classification"
+    assert resolve_task("classification", nn.BCEWithLogitsLoss()) == "classification"
+    torch.manual_seed(0)
+    fusion = ReFNet(Concat([4, 6]), [4, 6])
+    head = nn.Linear(10, 5)
+    pred = head(fusion([torch.randn(8, 4), torch.randn(8, 6)]))
+    truth = (torch.rand(8, 5) > 0.5).float()
+    loss = refnet_objective(nn.BCEWithLogitsLoss())(pred, truth, {"model": fusion, "training": True})
+    assert torch.isfinite(loss)
+    loss.backward()

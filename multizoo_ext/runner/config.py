@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from multizoo_ext.builder import PLAIN_OBJECTIVE
 from multizoo_ext.registry import DATASETS, FUSIONS, OBJECTIVES
 from multizoo_ext.utils import resolve_device
 
@@ -32,14 +33,12 @@ SINGLE_MODALITY = "best-single-modality"
 #: Method name of the scikit-learn logistic-regression baseline row.
 LOGREG = "logreg"
 BASELINES = (SINGLE_MODALITY, LOGREG)
-#: Objective override asking for the task's plain criterion whatever the recipe names.
-PLAIN_OBJECTIVE = "default"
 
-#: What :meth:`BenchmarkConfig.quick_config` sets: the bundled digits dataset, two fusions,
-#: two seeds and a few epochs; about a minute on 2 CPU cores.
+#: What :meth:`BenchmarkConfig.quick_config` sets: the bundled digits dataset, the two methods
+#: beside the plain baseline, two seeds and a few epochs; about a minute on 2 CPU cores.
 QUICK_SETTINGS: Dict[str, Any] = {
     "datasets": ["digits"],
-    "fusions": ["concat", "lowrank"],
+    "fusions": ["concat", "refnet", "deq"],
     "seeds": [0, 1],
     "epochs": 8,
     "logreg_cs": (0.05,),

@@ -326,7 +326,7 @@ def test_bad_config_errors(tmp_path, kwargs, match):
 def test_quick_config_keeps_explicit_overrides():
     cfg = BenchmarkConfig.quick_config(epochs=1, output="o")
     assert cfg.quick and cfg.epochs == 1 and cfg.output == "o"
-    assert cfg.datasets == ["digits"] and cfg.seeds == [0, 1] and len(cfg.fusions) == 2
+    assert cfg.datasets == ["digits"] and cfg.seeds == [0, 1] and cfg.fusions == ["concat", "refnet", "deq"]
     assert cfg.logreg_cs == (0.05,) and cfg.num_threads == 1
 
 
