@@ -352,8 +352,9 @@ def _ms_terms(sim: Tensor, labels: Tensor, cfg: _Config, mining: bool,
         kept = torch.mul(mask, exp)  # (2, R, C), on the masks
     sums = kept.sum(dim=2, keepdim=True)  # (2, R, 1)
     if cfg.shifted:
+        empty = sums.eq(0)  # no kept pair: exactly 0, as log1p gives below (not log(e^-s) + s)
         tot = sums.add_(torch.exp(-shift))
-        terms = torch.log(tot).add_(shift)
+        terms = torch.log(tot).add_(shift).masked_fill_(empty, 0.0)
     else:
         # log(1 + sum exp(x)) = log1p(sum exp(x)): exactly 0 for an anchor without a kept
         # pair, and the logits are bounded (see _needs_shift), so nothing overflows.
