@@ -38,6 +38,7 @@ from multizoo_ext.tasks import check_labels, check_task, prepare_truth
 from multizoo_ext.training_structures import distributed
 from multizoo_ext.training_structures.loop_utils import (
     BestKeeper,
+    solver_stats,
     NonFiniteLossError,
     batch_inputs,
     check_loader,
@@ -355,11 +356,13 @@ def train(
         if sync is not None:
             total, n = distributed.all_reduce_sum(total, n)
             sync.sync_buffers()
+        solver = solver_stats(model)  # equilibrium fusions: how many training samples converged
         t_valid = time.perf_counter()
         valid = evaluate(model, valid_dataloader, task, objective, objective_args_dict, is_packed,
                          input_to_float, dev, check_inputs, split=f"epoch {epoch}, valid")
+        solver_stats(model)  # validation forwards are not counted
         row = {"epoch": epoch, "train_loss": total / n, "seconds": time.perf_counter() - t0,
-               **{f"valid_{k}": v for k, v in valid.items() if k != "n"}}
+               **{f"valid_{k}": v for k, v in valid.items() if k != "n"}, **solver}
         history.append(row)
         score = valid[metric_name]
         if sync is not None:  # rank 0's score: the same decisions on every rank
