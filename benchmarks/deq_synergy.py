@@ -85,7 +85,8 @@ class DEQVariant(DEQFusion):
 
     Args (besides DEQFusion's):
         out_norm: 'gn' | 'none' | 'ln' normalisation of z_f' (hypothesis b).
-        gate_init: None | 'one' (W_g = 0, bias so that sum_i a_i = 1 at init) (hypothesis a).
+        gate_init: None | 'one' (W_g = 0, bias so that sum_i a_i = 1 at init) | 'zero'
+            (W_g = 0, bias 0: the multiplicative term starts at 0, f_f is constant in z_f) (hypothesis a).
         zf_init: 'zero' | 'xf' (start the solver's fused state at x_f) (hypothesis a).
         injection: 'sum' (x_f = sum_i w_i x_i + b) | 'proj' (Linear of the concatenation) (c).
         output: 'zf' | 'zf+xf' | 'cat' (concat(z_f*, x_1..x_M)) (hypothesis g).
@@ -97,6 +98,10 @@ class DEQVariant(DEQFusion):
         super().__init__(input_dims, width, **kw)
         self.out_norm, self.zf_init, self.injection, self.output = out_norm, zf_init, injection, output
         M, d = self.num_modalities, self.width
+        if gate_init == "zero":
+            with torch.no_grad():
+                self.fusion_block.gate.weight.zero_()
+                self.fusion_block.gate.bias.zero_()
         if gate_init == "one":
             with torch.no_grad():
                 self.fusion_block.gate.weight.zero_()
@@ -151,6 +156,7 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     "deq": ({}, 0.1, 1.0, "baseline: paper's DEQFusion, jac 0.1, uniform lr"),
     # (a) gate / fused-state initialisation
     "a_gate_one": ({"gate_init": "one"}, 0.1, 1.0, "W_g = 0, bias: sum_i a_i = 1 at init"),
+    "a_gate_zero": ({"gate_init": "zero"}, 0.1, 1.0, "W_g = 0 and bias 0: z_f' = GN(ReLU(x_f + b_f)) at init"),
     "a_zf_xf": ({"zf_init": "xf"}, 0.1, 1.0, "solver starts z_f at x_f"),
     # (b) GroupNorm on z_f'
     "b_norm_none": ({"out_norm": "none"}, 0.1, 1.0, "no GroupNorm on z_f' (ReLU only)"),
@@ -283,7 +289,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"{'variant':28s} {'test acc':16s} {'per seed':24s} {'s/epoch':>8s} {'conv':>6s} "
           f"{'res':>8s} {'jac0/task0':>10s}")
     for name in a.variants:
-        rows = [run_one(name, s, a.epochs, a.lr, a.save_dir) for s in a.seeds]
+        rows = []
+        for s in a.seeds:
+            rows.append(run_one(name, s, a.epochs, a.lr, a.save_dir))
+            print(f"  {name} seed {s}: {rows[-1]}", file=sys.stderr, flush=True)
         accs = [r["acc"] for r in rows]
         ratio = statistics.mean(r.get("jac0", float("nan")) / r["task0"] for r in rows) if "task0" in rows[0] else float("nan")
         print(f"{name:28s} {_fmt(accs):16s} {' '.join(f'{x:.3f}' for x in accs):24s} "
