@@ -41,8 +41,15 @@ if MULTIBENCH not in sys.path:
     sys.path.insert(0, MULTIBENCH)
 
 from multizoo_ext.fusions import Concat  # noqa: E402
-from multizoo_ext.fusions import deq as deq_module  # noqa: E402
-from multizoo_ext.fusions.deq import DEQFusion, _group_norm  # noqa: E402
+from multizoo_ext.fusions.deq import DEQFusion  # noqa: E402
+
+try:   # DEQFusion's internals: the fusions/deq/ package, or the single module it was before
+    from multizoo_ext.fusions.deq import fusion as deq_module  # noqa: E402
+except ImportError:
+    from multizoo_ext.fusions import deq as deq_module  # noqa: E402
+_group_norm = deq_module._group_norm
+#: the module-level map takes the raw inputs (package layout) or (x, x_f) (single module)
+_MAP_TAKES_INPUTS = hasattr(deq_module._FusionMap, "fused")
 from multizoo_ext.objectives import deq_objective  # noqa: E402
 
 WIDTH = 32
@@ -72,82 +79,72 @@ class _PatchedMap(deq_module._FusionMap):
 
     out_norm = "gn"
 
-    def _fuse(self, z_f: torch.Tensor, a: torch.Tensor, inj_f: torch.Tensor) -> torch.Tensor:
+    def _norm_fused(self, z_f: torch.Tensor, a: torch.Tensor, inj_f: torch.Tensor) -> torch.Tensor:
         h = torch.addmm(inj_f, z_f * a, self.wft).relu_()
         if self.out_norm == "none":
             return h
         groups = 1 if self.out_norm == "ln" else self.groups
         return _group_norm(h, groups, *self.gnf, self.eps)
 
+    _fuse = _norm_fused    # the name in the single-module layout
+    fused = _norm_fused    # the name in the package layout
+
 
 class DEQVariant(DEQFusion):
-    """DEQFusion with the knobs of the hypotheses (all off = the paper's function).
+    """DEQFusion with the knobs of the hypotheses (all at their first value = the paper's function).
 
     Args (besides DEQFusion's):
         out_norm: 'gn' | 'none' | 'ln' normalisation of z_f' (hypothesis b).
-        gate_init: None | 'one' (W_g = 0, bias so that sum_i a_i = 1 at init) | 'zero'
-            (W_g = 0, bias 0: the multiplicative term starts at 0, f_f is constant in z_f) (hypothesis a).
-        zf_init: 'zero' | 'xf' (start the solver's fused state at x_f) (hypothesis a).
+        gate_init: None (PyTorch's Linear init) | 'one' (W_g = 0, bias so that sum_i a_i = 1)
+            | 'zero' (W_g = 0, bias 0: the multiplicative term starts at 0) (hypothesis a).
         injection: 'sum' (x_f = sum_i w_i x_i + b) | 'proj' (Linear of the concatenation) (c).
         output: 'zf' | 'zf+xf' | 'cat' (concat(z_f*, x_1..x_M)) (hypothesis g).
     """
 
     def __init__(self, input_dims: Sequence[int], width: Optional[int] = None, *, out_norm: str = "gn",
-                 gate_init: Optional[str] = None, zf_init: str = "zero", injection: str = "sum",
-                 output: str = "zf", **kw) -> None:
+                 gate_init: Optional[str] = None, injection: str = "sum", output: str = "zf", **kw) -> None:
         super().__init__(input_dims, width, **kw)
-        self.out_norm, self.zf_init, self.injection, self.output = out_norm, zf_init, injection, output
+        self.out_norm, self.injection, self.output = out_norm, injection, output
         M, d = self.num_modalities, self.width
-        if gate_init == "zero":
+        gate = self.fusion_block.gate
+        if gate_init in ("zero", "one"):
             with torch.no_grad():
-                self.fusion_block.gate.weight.zero_()
-                self.fusion_block.gate.bias.zero_()
-        if gate_init == "one":
-            with torch.no_grad():
-                self.fusion_block.gate.weight.zero_()
-                self.fusion_block.gate.bias.fill_(1.0 / M)
+                gate.weight.zero_()
+                gate.bias.fill_(0.0 if gate_init == "zero" else 1.0 / M)
         if injection == "proj":
             self.inj_proj = nn.Linear(M * d, d)
         self.out_dim = {"zf": d, "zf+xf": d, "cat": (M + 1) * d}[output]
 
-    def injections(self, inputs):
-        x, x_f = super().injections(inputs)
+    def _injections(self, inputs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x (B, M, d) and x_f (B, d) of this variant."""
+        flat = [torch.flatten(t, 1) for t in inputs]
+        x = torch.stack([p(t) for p, t in zip(self.projections, flat)], 1)
         if self.injection == "proj":
-            x_f = self.inj_proj(x.flatten(1))
-        return x, x_f
+            return x, self.inj_proj(x.flatten(1))
+        return x, torch.einsum("m,bmd->bd", self.weights, x) + self.bias
 
     def deq_function(self, inputs):
-        x, x_f = self.injections(inputs)
-        fmap = _PatchedMap(self, x, x_f)
+        if _MAP_TAKES_INPUTS:
+            fmap = _PatchedMap(self, self._check(inputs))
+            if self.injection == "proj":
+                fmap.inj_f = self._injections(inputs)[1] + self.fusion_block.fuse.bias
+                fmap._rows = deq_module._Rows(fmap.inj, fmap.inj_f)
+        else:
+            self._check(inputs)
+            fmap = _PatchedMap(self, *self._injections(inputs))
         fmap.out_norm = self.out_norm
         return fmap
 
     def forward(self, inputs, return_info: bool = False):
-        if self.zf_init == "zero":
-            fused = super().forward(inputs)
-        else:
-            fused = self._forward_zf_start(inputs)
+        fused = super().forward(inputs)
         info = self.last_info
         if self.training and getattr(self, "stats", None) is not None and info and "converged" in info:
             self.stats["conv"].append(float(info["converged"].float().mean()))
             self.stats["res"].append(float(info["rel_residual"].median()))
         if self.output != "zf":
-            x, x_f = self.injections(inputs)
+            x, x_f = self._injections(inputs)
             fused = fused + x_f if self.output == "zf+xf" else torch.cat([fused, x.flatten(1)], 1)
         return (fused, self.last_info) if return_info else fused
-
-    def _forward_zf_start(self, inputs):
-        f = self.deq_function(inputs)
-        B = f.inj.shape[0]
-        z0 = f.inj_f.new_zeros(B, self.state_dim)
-        z0[:, self.num_modalities * self.width:] = f.inj_f.detach()
-        needs_grad = torch.is_grad_enabled()
-        want_jac = self.jac_reg and self.training and needs_grad
-        z, info, jac_pair = self._grad.run(f, z0, self._solve_fixed_point, needs_grad, want_jac, self.trace)
-        self.jac_loss = (deq_module.jacobian_penalty(*jac_pair, n_vectors=self.jac_vectors)
-                         if jac_pair is not None else None)
-        self.last_info = self._detach_info(info)
-        return z[:, self.num_modalities * self.width:]
 
 
 #: name -> (DEQVariant kwargs or None for Concat, Jacobian weight, fusion lr multiplier, description)
@@ -157,7 +154,6 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     # (a) gate / fused-state initialisation
     "a_gate_one": ({"gate_init": "one"}, 0.1, 1.0, "W_g = 0, bias: sum_i a_i = 1 at init"),
     "a_gate_zero": ({"gate_init": "zero"}, 0.1, 1.0, "W_g = 0 and bias 0: z_f' = GN(ReLU(x_f + b_f)) at init"),
-    "a_zf_xf": ({"zf_init": "xf"}, 0.1, 1.0, "solver starts z_f at x_f"),
     # (b) GroupNorm on z_f'
     "b_norm_none": ({"out_norm": "none"}, 0.1, 1.0, "no GroupNorm on z_f' (ReLU only)"),
     "b_norm_ln": ({"out_norm": "ln"}, 0.1, 1.0, "one-group GroupNorm (layer norm) on z_f'"),
