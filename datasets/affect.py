@@ -10,7 +10,8 @@ The pickle holds a dict with keys ``"train"``, ``"valid"``, ``"test"``; each is 
 Processing, following MultiBench's ``Affectdataset`` in its fixed-length (``max_pad``) mode:
 
 1. non-finite feature values are replaced by 0 (MultiBench sets the audio's ``-inf`` to 0;
-   here every NaN/+-inf of every modality is, with a log line giving the count);
+   here every NaN/+-inf of every modality is, with a WARNING log line giving the count; this
+   is the one loader that cleans non-finite features instead of refusing them, for parity);
 2. samples whose text is all zeros are dropped (MultiBench's ``drop_entry``);
 3. ``aligned=True``: the leading padding is cut at the first time step where the text is
    non-zero, for all three modalities (``aligned=False``: each modality at its own first
@@ -36,7 +37,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -49,6 +49,7 @@ from multizoo_ext.datasets.common import (
     arrays_to_dataloaders,
     check_task,
 )
+from multizoo_ext.datasets.safe_pickle import load_pickle
 from multizoo_ext.registry import register_dataset
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ def _process_split(split: Mapping[str, Any], where: str, max_seq_len: int, align
             raise ValueError(f"affect {where} {k!r} must have shape (N, T, d), got {x.shape}")
         bad = ~np.isfinite(x)
         if bad.any():
-            logger.info("affect %s %s: replacing %d NaN/Inf value(s) with 0", where, k, int(bad.sum()))
+            logger.warning("affect %s %s: replacing %d NaN/Inf value(s) with 0 (MultiBench's processing)",
+                           where, k, int(bad.sum()))
             x = np.where(bad, np.float32(0.0), x)
         mods.append(x)
     rows = [m.shape[0] for m in mods]
@@ -151,21 +153,17 @@ def _process_split(split: Mapping[str, Any], where: str, max_seq_len: int, align
     return fixed, lengths, y
 
 
-def load_affect_pickle(filepath: PathLike) -> Dict[str, Any]:
-    """Unpickle an affect file (only open pickles you trust: unpickling runs code).
+def load_affect_pickle(filepath: PathLike, trust_pickle: bool = False) -> Dict[str, Any]:
+    """Unpickle an affect file without running code from it (see
+    :mod:`multizoo_ext.datasets.safe_pickle`): only NumPy arrays, dtypes and builtin
+    containers/scalars are rebuilt unless ``trust_pickle=True``.
 
     Raises:
         FileNotFoundError: no such file. DataKeyError: a split is missing. ValueError: not a
-            dict of splits.
+            dict of splits, not a pickle, or (UnsafePickleError) a refused global.
     """
     p = Path(filepath)
-    if not p.is_file():
-        raise FileNotFoundError(f"affect pickle not found: {p}")
-    with open(p, "rb") as fh:
-        try:
-            data = pickle.load(fh)
-        except (pickle.UnpicklingError, EOFError) as exc:
-            raise ValueError(f"{p} is not a readable pickle: {exc}") from exc
+    data = load_pickle(p, trust_pickle=trust_pickle, what="affect")
     if not isinstance(data, Mapping):
         raise ValueError(f"{p} must hold a dict with 'train', 'valid', 'test', got {type(data).__name__}")
     missing = [s for s in SPLITS if s not in data]
@@ -188,6 +186,7 @@ def get_dataloader(
     num_workers: int = 0,
     train_shuffle: bool = True,
     seed: int = 0,
+    trust_pickle: bool = False,
 ) -> Loaders:
     """(train, valid, test) DataLoaders of an affect pickle, fixed-length sequences.
 
@@ -204,6 +203,10 @@ def get_dataloader(
             non-padded steps. Default: None.
         batch_size: Default: 32 (MultiBench's). num_workers: Default: 0 (MultiBench: 2).
         train_shuffle: Default: True. seed: training-loader shuffling. Default: 0.
+        trust_pickle: False (default): the file is unpickled without running code from it
+            (NumPy arrays, dtypes and builtin containers/scalars only; anything else is refused
+            with an error naming it). True: plain ``pickle.load``, for files you trust (warns).
+            From the CLI: ``--data-arg trust_pickle=true``.
 
     Returns:
         ``(train, valid, test)`` yielding ``[vision (B, L, d_v), audio (B, L, d_a),
@@ -218,7 +221,7 @@ def get_dataloader(
         raise ValueError(f"affect supports task 'regression' or 'classification', got {task!r}")
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, (int, np.integer)) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
-    data = load_affect_pickle(filepath)
+    data = load_affect_pickle(filepath, trust_pickle=trust_pickle)
     parts = {s: _process_split(data[s], s, int(max_seq_len), aligned, drop_empty_text, z_norm) for s in SPLITS}
     widths = {s: [m.shape[2] for m in parts[s][0]] for s in SPLITS}
     if widths["valid"] != widths["train"] or widths["test"] != widths["train"]:

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[Any]]
 Loaders = Tuple[DataLoader, DataLoader, DataLoader]
 
-TASKS = ("classification", "multilabel", "regression")
+from multizoo_ext.tasks import TASKS  # noqa: E402  (the one owner of the task names)
 NORMALIZATIONS = ("standard", "minmax")
 
 
@@ -80,6 +80,26 @@ def as_float_tensor(x: np.ndarray) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- validators
+def check_finite_array(x: np.ndarray, what: str) -> None:
+    """Raise ``ValueError`` if a floating array holds NaN/Inf (one pass; integer arrays pass
+    untouched). ``what`` names the array in the message."""
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.complexfloating):
+        finite = np.isfinite(x)
+        if not finite.all():
+            raise ValueError(f"{what} contains {int(x.size - np.count_nonzero(finite))} NaN/Inf value(s); "
+                             "clean or impute the data first")
+
+
+def check_distinct(values: Sequence[Any], what: str) -> List[Any]:
+    """``values`` as a list; ``ValueError`` if it repeats an entry (e.g. ``modalities=[1, 1]``)."""
+    items = list(values)
+    repeated = sorted({v for v in items if items.count(v) > 1}, key=str)
+    if repeated:
+        raise ValueError(f"{what} must not repeat an entry, got {items} (repeated: {repeated})")
+    return items
+
+
 def check_task(task: str) -> None:
     """Raise unless ``task`` is one of ``classification``, ``multilabel``, ``regression``."""
     if task not in TASKS:
@@ -122,11 +142,8 @@ def check_modality_arrays(modalities: Sequence[ArrayLike], labels: ArrayLike,
         raise ValueError(f"{where} modality and label row counts disagree: modalities have rows {rows} "
                          f"but labels have {y.shape[0]}")
     for i, m in enumerate(mods):
-        if np.issubdtype(m.dtype, np.floating) and not np.isfinite(m).all():
-            bad = int((~np.isfinite(m)).sum())
-            raise ValueError(f"{where} modality {i} contains {bad} NaN/Inf value(s); clean or impute the data first")
-    if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
-        raise ValueError(f"{where} labels contain {int((~np.isfinite(y)).sum())} NaN/Inf value(s)")
+        check_finite_array(m, f"{where} modality {i}")
+    check_finite_array(y, f"{where} labels")
     return mods, y
 
 

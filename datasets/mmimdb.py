@@ -62,7 +62,7 @@ class HDF5MultimodalDataset(Dataset):
         modality_names: names for the robustness helpers. Default: the keys.
 
     ``dataset[i]`` returns ``[x_1 (float32), ..., x_M (float32), y (float32)]`` for row
-    ``start + i``.
+    ``start + i``; a row holding NaN/Inf raises ``ValueError`` naming it.
     """
 
     def __init__(self, path: PathLike, modality_keys: Sequence[str], label_key: str, start: int, end: int,
@@ -98,10 +98,14 @@ class HDF5MultimodalDataset(Dataset):
         f = self._file()
         row = self.start + i
         out = []
-        for key, nz in zip(self.modality_keys, self.normalizers):
-            x = torch.from_numpy(np.asarray(f[key][row], dtype=np.float32))
-            out.append(nz.transform_tensor(x) if nz is not None else x)
-        out.append(torch.from_numpy(np.asarray(f[self.label_key][row], dtype=np.float32)))
+        for key in self.modality_keys + [self.label_key]:
+            x = np.asarray(f[key][row], dtype=np.float32)
+            if not np.isfinite(x).all():  # one pass over one row: a NaN never reaches a batch
+                raise ValueError(f"{self.path}: {key!r} row {row} contains NaN/Inf values; clean the file first")
+            out.append(torch.from_numpy(x))
+        for j, nz in enumerate(self.normalizers):
+            if nz is not None:
+                out[j] = nz.transform_tensor(out[j])
         return out
 
     def close(self) -> None:
@@ -134,6 +138,17 @@ def _resolve_range(r: Range, n: int, name: str) -> Tuple[int, int]:
     if end > n:
         raise ValueError(f"{name} [{start}, {end}) exceeds the file's {n} rows; pass the ranges of your file")
     return start, end
+
+
+def _check_disjoint(ranges: Sequence[Tuple[int, int]], names: Sequence[str]) -> None:
+    """``ValueError`` if two ``[start, end)`` ranges share a row (a test row in training
+    would inflate every score)."""
+    for i in range(len(ranges)):
+        for j in range(i + 1, len(ranges)):
+            (a0, a1), (b0, b1) = ranges[i], ranges[j]
+            if max(a0, b0) < min(a1, b1):
+                raise ValueError(f"{names[i]} [{a0}, {a1}) and {names[j]} [{b0}, {b1}) overlap in rows "
+                                 f"[{max(a0, b0)}, {min(a1, b1)}); the splits must be disjoint")
 
 
 def fit_streamed_normalizer(dset: h5py.Dataset, start: int, end: int, method: str,
@@ -191,7 +206,9 @@ def get_dataloader(
     Raises:
         FileNotFoundError: no such file. DataKeyError (a KeyError and ValueError): a key is
             missing. ValueError: not an HDF5 file, arrays with different row counts, labels
-            that are not 2-D multi-hot, a range outside the file, NaN/Inf text features.
+            that are not 2-D multi-hot, a range outside the file, overlapping ranges, NaN/Inf
+            text features (checked at load) or NaN/Inf in any row read later (image features
+            are checked row by row as they are read, or all at load with ``normalize``).
     """
     p = Path(path)
     if not p.is_file():
@@ -211,8 +228,9 @@ def get_dataloader(
         if len(set(rows.values())) != 1:
             raise ValueError(f"{p}: arrays must share the row count, got {rows}")
         n = rows[label_key]
-        ranges = [_resolve_range(r, n, name) for r, name in
-                  ((train_range, "train_range"), (valid_range, "valid_range"), (test_range, "test_range"))]
+        names = ("train_range", "valid_range", "test_range")
+        ranges = [_resolve_range(r, n, name) for r, name in zip((train_range, valid_range, test_range), names)]
+        _check_disjoint(ranges, names)
         labels = f[label_key]
         if labels.ndim != 2:
             raise ValueError(f"{p}: {label_key!r} must be multi-hot of shape (N, K), got {labels.shape}")

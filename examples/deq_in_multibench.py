@@ -27,10 +27,10 @@ samples, one seed), about 15 s.
 
 The lines that matter (everything else here is data plumbing)::
 
-    from training_structures.Supervised_Learning import train, test   # MultiBench
+    from training_structures.Supervised_Learning import MMDL, train, test   # MultiBench
     from unimodals.common_models import MLP                             # MultiBench
-    from multizoo_ext.fusions.deq import DEQFusion
-    from multizoo_ext.objectives.deq import deq_objective
+    from multizoo_ext.fusions import DEQFusion
+    from multizoo_ext.objectives import deq_objective
 
     encoders = [MLP(d, 64, 32) for d in input_widths]
     fusion = DEQFusion([32] * len(input_widths), jac_reg=True)   # any widths; unequal ones are projected
@@ -41,7 +41,8 @@ The lines that matter (everything else here is data plumbing)::
           objective=deq_objective(nn.CrossEntropyLoss(), jacobian_weight=0.1),
           objective_args_dict={},            # required: MultiBench fills it every batch
           save="best.pt")
-    model = torch.load("best.pt", weights_only=False)   # MultiBench pickles the whole model
+    trust_checkpoint = False   # True only for a best.pt your own train() just wrote (see below)
+    model = torch.load("best.pt", weights_only=False) if trust_checkpoint else MMDL(encoders, fusion, head)
     test(model, testdata, no_robust=True)
     print(model.fuse.last_info["steps"], model.fuse.last_info["rel_residual"])   # solver statistics
 
@@ -66,14 +67,14 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 try:
-    from training_structures.Supervised_Learning import test, train  # MultiBench's loop  # noqa: E402
+    from training_structures.Supervised_Learning import MMDL, test, train  # MultiBench's loop  # noqa: E402
     from unimodals.common_models import MLP  # MultiBench's encoder  # noqa: E402
 except ImportError as exc:  # pragma: no cover - depends on where it is run
     raise SystemExit(f"run this from the root of a MultiBench checkout (cd /path/to/MultiBench) with MultiBench's "
                      f"requirements installed (torchvision, memory_profiler, matplotlib, ...): {exc}") from exc
 
-from multizoo_ext.fusions.deq import DEQFusion  # noqa: E402
-from multizoo_ext.objectives.deq import deq_objective  # noqa: E402
+from multizoo_ext.fusions import DEQFusion  # noqa: E402
+from multizoo_ext.objectives import deq_objective  # noqa: E402
 
 
 def fusion_lr_optimizer(fusion: nn.Module, mult: float, base=torch.optim.AdamW):
@@ -121,6 +122,9 @@ def main() -> None:
                    help="torch CPU threads (default 1: small models on a busy CPU run 10x slower with more; "
                         "0 = torch's own choice)")
     p.add_argument("--save", default=None, help="checkpoint path (MultiBench pickles the model); default: a temp dir")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="test the best epoch by unpickling the file train() wrote (only for your own file); "
+                        "default: test the last epoch's model from memory")
     args = p.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -146,7 +150,17 @@ def main() -> None:
           optimtype=fusion_lr_optimizer(fusion, args.fusion_lr_mult), lr=args.lr, weight_decay=1e-2,
           objective=deq_objective(nn.CrossEntropyLoss(), jacobian_weight=args.jacobian_weight),
           objective_args_dict={}, save=save)
-    model = torch.load(save, weights_only=False)  # a pickled MMDL we just wrote ourselves
+    # MultiBench's train() saves the best epoch as a pickled whole model (torch.save(model)), which
+    # torch.load refuses by default (weights_only=True) and which runs code from the file when
+    # unpickled. Set trust_checkpoint = True only for a file your own train() wrote (or pass
+    # --trust-checkpoint); otherwise this tests the model as train() left it (the last epoch).
+    # To keep or share weights: multizoo_ext.checkpoint.save_checkpoint(path, model) writes a
+    # state_dict that load_checkpoint(path, model) reads with weights_only=True.
+    trust_checkpoint = args.trust_checkpoint  # False unless --trust-checkpoint
+    if trust_checkpoint:
+        model = torch.load(save, weights_only=False)  # the best epoch, unpickled from our own file
+    else:
+        model = MMDL(encoders, fusion, head)          # the last epoch, from memory
     test(model, testdata, no_robust=True)
     # -------------------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ options (``path``, ``test_path`` for a fixed test split in a second file with th
 
     python examples/heldout_npz.py --npz mine.npz                      # your own file
     python examples/heldout_npz.py --npz mine.npz --test-npz mine_test.npz --epochs 30 --seeds 0 1 2
-    python examples/heldout_npz.py --from-mogonet ../shared/data/ROSMAP    # the demo below
+    python examples/heldout_npz.py --from-mogonet data/ROSMAP    # the demo below
 
 ``--from-mogonet FOLDER`` first writes a demo pair of files into ``--output``: a MOGONET-layout
 folder (ROSMAP: three 200-column blocks, mRNA / DNA methylation / miRNA) re-cut into **six
@@ -34,7 +34,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from multizoo_ext.benchmark import BenchmarkConfig, run_benchmark
+from multizoo_ext.runner import BenchmarkConfig, run_benchmark
 
 
 def split_columns(block: np.ndarray, first: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -74,7 +74,7 @@ def main() -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--npz", help="your .npz: one array per modality plus 'labels'")
     src.add_argument("--from-mogonet", metavar="FOLDER",
-                     help="demo: re-cut a MOGONET folder (e.g. ../shared/data/ROSMAP) into six modalities")
+                     help="demo: re-cut a MOGONET folder (e.g. data/ROSMAP) into six modalities")
     p.add_argument("--test-npz", help="optional .npz with the same keys: the test split (default: 20 %% of --npz)")
     p.add_argument("--split", type=int, nargs="+", default=[50, 120, 30],
                    help="--from-mogonet: first-group width per MOGONET modality (default: 50 120 30)")
@@ -102,7 +102,7 @@ def main() -> None:
     cfg = BenchmarkConfig(
         datasets=["npz"], data_kwargs={"npz": data}, fusions=args.fusions, seeds=args.seeds,
         epochs=args.epochs, lr=args.lr, num_threads=args.threads, output=str(out))
-    # the runner's defaults for "deq": DEQFusion(jac_reg=True), objective "deq" (task loss +
+    # each fusion trains as its registered recipe says: "deq": DEQFusion(jac_reg=True), objective "deq" (task loss +
     # 0.1 x Jacobian penalty), fusion_lr_mult 0.1; for "refnet": the refnet objective
     runs = run_benchmark(cfg)
     print(runs.markdown)

@@ -17,11 +17,10 @@ MultiBench loader: any ``(train, valid, test)`` triple of DataLoaders that yield
 
 The lines that matter (everything else here is data plumbing)::
 
-    from training_structures.Supervised_Learning import train, test   # MultiBench
+    from training_structures.Supervised_Learning import MMDL, train, test   # MultiBench
     from unimodals.common_models import MLP                             # MultiBench
-    from multizoo_ext.fusions.common_fusions import Concat
-    from multizoo_ext.fusions.refnet import ReFNet
-    from multizoo_ext.objectives.refnet import refnet_objective
+    from multizoo_ext.fusions import Concat, ReFNet
+    from multizoo_ext.objectives import refnet_objective
 
     encoders = [MLP(d, 64, 32) for d in input_widths]
     dims = [32] * len(input_widths)                         # encoder output widths
@@ -32,7 +31,8 @@ The lines that matter (everything else here is data plumbing)::
           objective=refnet_objective(task="classification", ms_weight=0.1),
           objective_args_dict={},            # required: MultiBench fills it every batch
           save="best.pt")
-    model = torch.load("best.pt", weights_only=False)   # MultiBench pickles the whole model
+    trust_checkpoint = False   # True only for a best.pt your own train() just wrote (see below)
+    model = torch.load("best.pt", weights_only=False) if trust_checkpoint else MMDL(encoders, fusion, head)
     test(model, testdata, no_robust=True)
 
 ``objective_args_dict={}`` matters: MultiBench only hands the model, the fused output and the
@@ -53,15 +53,14 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 try:
-    from training_structures.Supervised_Learning import test, train  # MultiBench's loop  # noqa: E402
+    from training_structures.Supervised_Learning import MMDL, test, train  # MultiBench's loop  # noqa: E402
     from unimodals.common_models import MLP  # MultiBench's encoder  # noqa: E402
 except ImportError as exc:  # pragma: no cover - depends on where it is run
     raise SystemExit(f"run this from the root of a MultiBench checkout (cd /path/to/MultiBench) with MultiBench's "
                      f"requirements installed (torchvision, memory_profiler, matplotlib, ...): {exc}") from exc
 
-from multizoo_ext.fusions.common_fusions import Concat  # noqa: E402
-from multizoo_ext.fusions.refnet import ReFNet  # noqa: E402
-from multizoo_ext.objectives.refnet import refnet_objective  # noqa: E402
+from multizoo_ext.fusions import Concat, ReFNet  # noqa: E402
+from multizoo_ext.objectives import refnet_objective  # noqa: E402
 
 
 def random_loaders(widths=(20, 30, 10), n=(600, 150, 250), n_classes=3, batch_size=32, seed=0):
@@ -89,6 +88,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--ms-weight", type=float, default=0.1, help="Multi-Similarity weight (reference: 0.1)")
     p.add_argument("--save", default=None, help="checkpoint path (MultiBench pickles the model); default: a temp dir")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="test the best epoch by unpickling the file train() wrote (only for your own file); "
+                        "default: test the last epoch's model from memory")
     args = p.parse_args()
 
     if args.mogonet:
@@ -112,7 +114,17 @@ def main() -> None:
           optimtype=torch.optim.AdamW, lr=1e-3, weight_decay=1e-2,
           objective=refnet_objective(task="classification", ms_weight=args.ms_weight),
           objective_args_dict={}, save=save)
-    model = torch.load(save, weights_only=False)  # a pickled MMDL we just wrote ourselves
+    # MultiBench's train() saves the best epoch as a pickled whole model (torch.save(model)), which
+    # torch.load refuses by default (weights_only=True) and which runs code from the file when
+    # unpickled. Set trust_checkpoint = True only for a file your own train() wrote (or pass
+    # --trust-checkpoint); otherwise this tests the model as train() left it (the last epoch).
+    # To keep or share weights: multizoo_ext.checkpoint.save_checkpoint(path, model) writes a
+    # state_dict that load_checkpoint(path, model) reads with weights_only=True.
+    trust_checkpoint = args.trust_checkpoint  # False unless --trust-checkpoint
+    if trust_checkpoint:
+        model = torch.load(save, weights_only=False)  # the best epoch, unpickled from our own file
+    else:
+        model = MMDL(encoders, fusion, head)          # the last epoch, from memory
     test(model, testdata, no_robust=True)
     # -------------------------------------------------------------------------------------------
 

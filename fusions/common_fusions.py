@@ -1,7 +1,9 @@
 """Baseline fusions with MultiBench's class names: Concat, TensorFusion, LowRankTensorFusion.
 
 All take a list of M >= 2 tensors ``(B, d_i)`` (widths may differ; with ``flatten`` inputs
-``(B, ...)`` are flattened first) and return one tensor ``(B, out_dim)``.
+``(B, ...)`` are flattened first) and return one tensor ``(B, out_dim)``. Inputs are checked
+by :func:`multizoo_ext.validation.check_fusion_inputs`: NaN/Inf values are refused, and
+LowRankTensorFusion wants inputs of its parameters' dtype (``.double()`` it for float64).
 """
 from __future__ import annotations
 
@@ -12,18 +14,9 @@ import torch
 from torch import nn
 
 from multizoo_ext.registry import register_fusion
-from multizoo_ext.validation import check_modalities, check_widths
+from multizoo_ext.validation import check_fusion_inputs, check_input_dims, parameter_dtype
 
 __all__ = ["Concat", "TensorFusion", "LowRankTensorFusion"]
-
-
-def _validate_dims(input_dims: Optional[Sequence[int]], name: str) -> Optional[List[int]]:
-    if input_dims is None:
-        return None
-    dims = [int(d) for d in input_dims]
-    if len(dims) < 2 or any(d <= 0 for d in dims):
-        raise ValueError(f"{name} needs input_dims with at least 2 positive widths, got {list(input_dims)}")
-    return dims
 
 
 @register_fusion("concat")
@@ -37,14 +30,11 @@ class Concat(nn.Module):
 
     def __init__(self, input_dims: Optional[Sequence[int]] = None) -> None:
         super().__init__()
-        self.input_dims = _validate_dims(input_dims, "Concat")
+        self.input_dims = None if input_dims is None else check_input_dims(input_dims, "Concat")
         self.out_dim = sum(self.input_dims) if self.input_dims else None
 
     def forward(self, modalities: List[torch.Tensor]) -> torch.Tensor:
-        check_modalities(modalities, len(self.input_dims) if self.input_dims else None, "Concat")
-        flat = [torch.flatten(x, 1) for x in modalities]  # (B, d_i)
-        if self.input_dims:
-            check_widths(flat, self.input_dims, "Concat")
+        flat = check_fusion_inputs(modalities, "Concat", self.input_dims)  # (B, d_i)
         return torch.cat(flat, dim=1)
 
 
@@ -61,14 +51,11 @@ class TensorFusion(nn.Module):
 
     def __init__(self, input_dims: Optional[Sequence[int]] = None) -> None:
         super().__init__()
-        self.input_dims = _validate_dims(input_dims, "TensorFusion")
+        self.input_dims = None if input_dims is None else check_input_dims(input_dims, "TensorFusion")
         self.out_dim = math.prod(d + 1 for d in self.input_dims) if self.input_dims else None
 
     def forward(self, modalities: List[torch.Tensor]) -> torch.Tensor:
-        check_modalities(modalities, len(self.input_dims) if self.input_dims else None, "TensorFusion")
-        flat = [torch.flatten(x, 1) for x in modalities]
-        if self.input_dims:
-            check_widths(flat, self.input_dims, "TensorFusion")
+        flat = check_fusion_inputs(modalities, "TensorFusion", self.input_dims)  # (B, d_i)
         ones = flat[0].new_ones(flat[0].shape[0], 1)
         out = torch.cat([flat[0], ones], 1)  # (B, d_1 + 1)
         for x in flat[1:]:
@@ -97,7 +84,7 @@ class LowRankTensorFusion(nn.Module):
     def __init__(self, input_dims: Sequence[int], output_dim: int = 64, rank: int = 4,
                  flatten: bool = True) -> None:
         super().__init__()
-        dims = _validate_dims(input_dims, "LowRankTensorFusion")
+        dims = check_input_dims(input_dims, "LowRankTensorFusion")
         if output_dim <= 0 or rank <= 0:
             raise ValueError(f"LowRankTensorFusion needs positive output_dim and rank, got {output_dim}, {rank}")
         self.input_dims, self.output_dim, self.rank, self.flatten = dims, int(output_dim), int(rank), flatten
@@ -108,9 +95,8 @@ class LowRankTensorFusion(nn.Module):
         self.fusion_bias = nn.Parameter(torch.zeros(1, output_dim))
 
     def forward(self, modalities: List[torch.Tensor]) -> torch.Tensor:
-        check_modalities(modalities, len(self.input_dims), "LowRankTensorFusion")
-        xs = [torch.flatten(x, 1) if self.flatten else x for x in modalities]
-        check_widths(xs, self.input_dims, "LowRankTensorFusion")
+        xs = check_fusion_inputs(modalities, "LowRankTensorFusion", self.input_dims, parameter_dtype(self),
+                                 flatten=self.flatten)  # (B, d_i)
         prod = None
         for x, factor in zip(xs, self.factors):
             x1 = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)  # (B, d_i + 1)

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from multizoo_ext.registry import Recipe, create_fusion, register_fusion
-from multizoo_ext.validation import check_modalities, check_widths
+from multizoo_ext.validation import (check_fusion_inputs, check_input_dims, check_modalities, check_widths,
+                                     parameter_dtype)
 
 __all__ = ["ReFNet", "Refiner", "build_refnet", "find_refnet"]
 
@@ -78,15 +79,7 @@ class Refiner(nn.Sequential):
 
 
 def _positive_ints(values: Optional[Sequence[int]], what: str) -> List[int]:
-    if values is None or isinstance(values, (str, bytes)):
-        raise TypeError(f"ReFNet: {what} must be a sequence of positive ints, got {values!r}")
-    try:
-        dims = [int(d) for d in values]
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"ReFNet: {what} must be a sequence of positive ints, got {values!r}") from exc
-    if not dims or any(d <= 0 for d in dims):
-        raise ValueError(f"ReFNet: {what} must be non-empty positive widths, got {list(values)}")
-    return dims
+    return check_input_dims(values, "ReFNet", what, min_count=1)
 
 
 class ReFNet(nn.Module):
@@ -238,9 +231,7 @@ class ReFNet(nn.Module):
             returned a tuple; the tuple is kept as ``last_fusion_output``).
         """
         self._check_last_step()
-        check_modalities(inputs, self.num_modalities, "ReFNet")
-        flat = [torch.flatten(x, 1) for x in inputs]  # (B, d_i)
-        check_widths(flat, self.modality_dims, "ReFNet")
+        flat = check_fusion_inputs(inputs, "ReFNet", self.modality_dims, parameter_dtype(self.refiners))  # (B, d_i)
         out = self.fusion(inputs)
         if isinstance(out, tuple):
             fused = out[0]

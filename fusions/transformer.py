@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from multizoo_ext.registry import register_fusion
-from multizoo_ext.validation import check_modalities, check_widths
+from multizoo_ext.validation import check_fusion_inputs, check_input_dims, parameter_dtype
 
 __all__ = ["TransformerFusion"]
 
@@ -28,16 +28,15 @@ class TransformerFusion(nn.Module):
         output_dim: optional final Linear width; ``out_dim`` is ``output_dim or d_model``.
         pooling: "cls" or "mean". Default: "cls".
 
-    Shapes: ``[(B, d_i)] * M -> (B, out_dim)``.
+    Shapes: ``[(B, d_i)] * M -> (B, out_dim)``; inputs ``(B, ...)`` are flattened. Inputs
+    must have the parameters' dtype (``.double()`` the fusion for float64) and be finite.
     """
 
     def __init__(self, input_dims: Sequence[int], d_model: int = 64, nhead: int = 4,
                  num_layers: int = 2, dim_feedforward: Optional[int] = None, dropout: float = 0.1,
                  output_dim: Optional[int] = None, pooling: str = "cls") -> None:
         super().__init__()
-        dims = [int(d) for d in input_dims]
-        if len(dims) < 2:
-            raise ValueError(f"TransformerFusion needs at least 2 input widths, got {dims}")
+        dims = check_input_dims(input_dims, "TransformerFusion")
         if d_model % nhead != 0:
             raise ValueError(f"TransformerFusion: d_model ({d_model}) must be divisible by nhead ({nhead})")
         if pooling not in ("cls", "mean"):
@@ -54,9 +53,7 @@ class TransformerFusion(nn.Module):
         self.out_dim = int(output_dim or d_model)
 
     def forward(self, modalities: List[torch.Tensor]) -> torch.Tensor:
-        check_modalities(modalities, len(self.input_dims), "TransformerFusion")
-        xs = [torch.flatten(x, 1) for x in modalities]
-        check_widths(xs, self.input_dims, "TransformerFusion")
+        xs = check_fusion_inputs(modalities, "TransformerFusion", self.input_dims, parameter_dtype(self))  # (B, d_i)
         tokens = torch.stack([p(x) for p, x in zip(self.proj, xs)], 1)  # (B, M, d_model)
         tokens = tokens + self.modality_embed
         cls = self.cls.expand(tokens.shape[0], -1, -1)  # (B, 1, d_model)

@@ -19,7 +19,9 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from multizoo_ext.registry import FUSIONS, OBJECTIVES, create_encoder, create_fusion, create_objective
+from multizoo_ext.registry import FUSIONS, OBJECTIVES, create_dataset, create_encoder, create_fusion, create_objective
+from multizoo_ext.utils import seed_everything
+from multizoo_ext.tasks import default_criterion
 
 
 @dataclass
@@ -92,14 +94,15 @@ DEFAULT_ENCODER = "mlp"
 DEFAULT_HIDDEN = 64
 DEFAULT_EMBED_DIM = 32
 #: Encoders :func:`build_encoders` can size from a dataset's layout alone.
-ENCODER_CHOICES = ("mlp", "identity")
+ENCODER_CHOICES = ("mlp", "maxout_mlp", "identity")
 #: ``objective=`` value that asks for the task's plain criterion whatever the recipe says.
 PLAIN_OBJECTIVE = "default"
 
 
 def build_encoders(spec: DataSpec, encoder: str = DEFAULT_ENCODER, hidden: int = DEFAULT_HIDDEN,
                    embed_dim: int = DEFAULT_EMBED_DIM) -> List[nn.Module]:
-    """One encoder per modality: "mlp" (flatten -> MLP(d, hidden, embed_dim)) or "identity"
+    """One encoder per modality: "mlp" (flatten -> MLP(d, hidden, embed_dim)), "maxout_mlp"
+    (flatten -> MaxOut_MLP(embed_dim, hidden, d), MultiBench's MM-IMDB encoder) or "identity"
     (flatten only)."""
     if encoder not in ENCODER_CHOICES:
         raise ValueError(f"encoder must be one of {ENCODER_CHOICES}, got {encoder!r}")
@@ -111,7 +114,10 @@ def build_encoders(spec: DataSpec, encoder: str = DEFAULT_ENCODER, hidden: int =
         if encoder == "identity":
             encs.append(Flatten(d))
         else:
-            mod = create_encoder(encoder, indim=d, hiddim=hidden, outdim=embed_dim)
+            if encoder == "maxout_mlp":
+                mod = create_encoder(encoder, num_outputs=embed_dim, first_hidden=hidden, number_input_feats=d)
+            else:
+                mod = create_encoder(encoder, indim=d, hiddim=hidden, outdim=embed_dim)
             seq = nn.Sequential(Flatten(d), mod)
             seq.out_dim = mod.out_dim  # type: ignore[attr-defined]
             encs.append(seq)
@@ -137,9 +143,9 @@ def build_model(spec: DataSpec, fusion: str = "concat", encoder: str = DEFAULT_E
 
 
 def default_objective(task: str) -> nn.Module:
-    """CrossEntropy / BCEWithLogits / MSE for classification / multilabel / regression."""
-    return {"classification": nn.CrossEntropyLoss, "multilabel": nn.BCEWithLogitsLoss,
-            "regression": nn.MSELoss}[task]()
+    """CrossEntropy / BCEWithLogits / MSE for classification / multilabel / regression
+    (alias of :func:`multizoo_ext.tasks.default_criterion`)."""
+    return default_criterion(task)
 
 
 @dataclass
@@ -259,3 +265,23 @@ def rebuild_method(settings: Mapping[str, Any]) -> Method:
                             fusion_lr_mult=settings.get("fusion_lr_mult"))
     except KeyError as exc:
         raise ValueError(f"method settings lack {exc.args[0]!r}; expected the dict Method.settings records") from None
+
+
+# The order of seeding that makes a run depend on its settings alone. The CLI's ``train`` and
+# the benchmark runner both follow it, so the same seed and settings give the same numbers:
+#   layout = infer_data_spec(seeded_loaders(...)[0])    # a pass over a throw-away loader
+#   method = seeded_method(layout, ...)                 # initial weights from the seed
+#   loaders = seeded_loaders(...)                       # a fresh shuffle order from the seed
+def seeded_loaders(dataset: str, seed: int, batch_size: int, **data_kwargs: Any) -> Tuple[Any, Any, Any]:
+    """Fresh ``(train, valid, test)`` loaders of a registered dataset, the global RNGs seeded
+    with ``seed`` first (a new shuffle generator each call: a run never continues another
+    run's data order)."""
+    seed_everything(seed)
+    return create_dataset(dataset, batch_size=batch_size, seed=seed, **data_kwargs)
+
+
+def seeded_method(spec: DataSpec, fusion: str, seed: int, **kwargs: Any) -> Method:
+    """:func:`build_method` with the global RNGs seeded with ``seed`` first (repeatable
+    initial weights)."""
+    seed_everything(seed)
+    return build_method(spec, fusion, **kwargs)

@@ -8,15 +8,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import pickle
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 
 from multizoo_ext import __version__
-from multizoo_ext.registry import create_dataset, list_datasets, list_fusions
+from multizoo_ext.registry import list_datasets, list_fusions
 
 logger = logging.getLogger("multizoo_ext.cli")
 
@@ -67,9 +70,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed for data order and weights (default: 0)")
     p.add_argument("--device", default=None,
                    help="'cpu', 'cuda', 'cuda:1', ... (default: cuda if available, else cpu)")
-    p.add_argument("--output", default="runs/train", help="folder for best.pt, best.json and results.json "
-                                                          "(default: runs/train)")
+    p.add_argument("--output", default=None,
+                   help="folder for best.pt, best.json and results.json (default: a new folder "
+                        "runs/train/DATASET-FUSION-sSEED-TIME per run); an existing run there is kept unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes on this machine: re-run under 'python -m torch.distributed.run "
+                        "--nproc_per_node N' (gloo on CPU, NCCL on GPUs; --batch-size is per process; default: 1)")
 
 
 def _merged(pairs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -83,20 +91,26 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
     :func:`multizoo_ext.builder.build_method`, the builder the benchmark runner uses too, so
     ``train --fusion X`` trains X as its registered recipe says.
     """
-    from multizoo_ext.builder import build_method, infer_data_spec
+    from multizoo_ext.builder import infer_data_spec, seeded_loaders, seeded_method
+    from multizoo_ext.runs import new_run_dir, prepare_output
     from multizoo_ext.training_structures.supervised import test, train
-    from multizoo_ext.utils import seed_everything
 
-    seed_everything(args.seed)
     data_kwargs = _merged(args.data_arg)
-    train_dl, valid_dl, test_dl = create_dataset(args.dataset, batch_size=args.batch_size, seed=args.seed,
-                                                 **data_kwargs)
-    spec = infer_data_spec(train_dl)
-    method = build_method(spec, args.fusion, encoder=args.encoder, hidden=args.hidden, embed_dim=args.embed_dim,
-                          fusion_kwargs=_merged(args.fusion_arg), objective=args.objective,
-                          objective_kwargs=_merged(args.objective_arg), fusion_lr_mult=args.fusion_lr_mult)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    # the runner's order of seeding (multizoo_ext.builder): same seed and settings, same numbers
+    spec = infer_data_spec(seeded_loaders(args.dataset, args.seed, args.batch_size, **data_kwargs)[0])
+    method = seeded_method(spec, args.fusion, args.seed, encoder=args.encoder, hidden=args.hidden,
+                           embed_dim=args.embed_dim, fusion_kwargs=_merged(args.fusion_arg), objective=args.objective,
+                           objective_kwargs=_merged(args.objective_arg), fusion_lr_mult=args.fusion_lr_mult)
+    train_dl, valid_dl, test_dl = seeded_loaders(args.dataset, args.seed, args.batch_size, **data_kwargs)
+    from multizoo_ext.training_structures import distributed
+
+    distributed.init_from_env()  # under --nproc / torchrun: rank 0 picks and prepares the folder
+    out = None
+    if distributed.is_main():
+        out = prepare_output(args.output or new_run_dir("runs/train", f"{args.dataset}-{args.fusion}-s{args.seed}"),
+                             overwrite=args.overwrite)
+    out = Path(distributed.broadcast_object(out))
+    args.output = str(out)
     t0 = time.perf_counter()
     res = train(method.encoders, method.fusion, method.head, train_dl, valid_dl, args.epochs,
                 early_stop=args.early_stop, task=spec.task, optimtype=torch.optim.AdamW, lr=args.lr,
@@ -110,68 +124,121 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
            "method": method.settings, "epochs_run": len(res.history), "best_epoch": res.best_epoch,
            "seconds_per_epoch": res.seconds_per_epoch, "parameters": res.parameters,
            "total_seconds": time.perf_counter() - t0, "test": metrics, "history": res.history}
-    (out / "results.json").write_text(json.dumps(row, indent=2))
+    if distributed.is_main():
+        (out / "results.json").write_text(json.dumps(row, indent=2))
     return row
+
+
+_SHOWN = {"classification": ["accuracy", "f1_macro", "auroc"], "multilabel": ["f1_micro", "f1_macro", "auroc"],
+          "regression": ["mse", "mae"]}
+
+
+def _add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a folder written by 'multizoo-ext train' (best.pt + best.json)")
+    p.add_argument("--dataset", default=None, choices=list_datasets(),
+                   help="dataset to score on (default: the one the run was trained on, same split)")
+    p.add_argument("--data-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="extra keyword for the dataset's get_dataloader (repeatable)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the run's)")
+    p.add_argument("--seed", type=int, default=None, help="split seed (default: the run's)")
+    p.add_argument("--device", default=None, help="'cpu', 'cuda', ... (default: cpu)")
+
+
+def run_evaluate(args: argparse.Namespace) -> str:
+    """Rebuild a saved run and score it; return a Markdown table of the test metrics."""
+    from multizoo_ext.runs import evaluate_run, load_model
+
+    run = load_model(args.run_dir)
+    metrics = evaluate_run(args.run_dir, args.dataset, _merged(args.data_arg), args.batch_size, args.seed,
+                           args.device)
+    task = run.config["method"]["spec"]["task"]
+    keys = [k for k in _SHOWN[task] if k in metrics]
+    head = ["run", "dataset"] + [f"test {k}" for k in keys] + ["n"]
+    vals = [str(run.path), args.dataset or str(run.config.get("dataset"))] + [f"{metrics[k]:.4f}" for k in keys] + [
+        str(metrics.get("n", ""))]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(vals) + " |"])
 
 
 def format_results(row: Dict[str, Any]) -> str:
     """A Markdown table of the test metrics, time per epoch and parameter count."""
-    keys = {"classification": ["accuracy", "f1_macro", "auroc"], "multilabel": ["f1_micro", "f1_macro", "auroc"],
-            "regression": ["mse", "mae"]}[row["task"]]
+    keys = _SHOWN[row["task"]]
     head = ["dataset", "fusion"] + [f"test {k}" for k in keys] + ["s/epoch", "epochs", "parameters"]
     vals = [row["dataset"], row["fusion"]] + [f"{row['test'][k]:.4f}" for k in keys] + [
         f"{row['seconds_per_epoch']:.3f}", str(row["epochs_run"]), f"{row['parameters']:,}"]
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(vals) + " |"])
 
 
-# --- benchmark subcommand (options and runner live in multizoo_ext/benchmark.py) ---
-def _add_benchmark_parser(sub: Any) -> None:
-    from multizoo_ext.benchmark import add_benchmark_arguments
+# --- benchmark subcommand (options and runner live in multizoo_ext/runner/) ---
+def _add_benchmark_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    from multizoo_ext.runner import add_benchmark_arguments
 
-    p = sub.add_parser("benchmark", help="run a grid of fusions x datasets x seeds and print a mean ± std table",
-                       description="Train every --fusions on every --datasets for every --seeds with one config, "
-                                   "plus a best-single-modality and a logistic-regression baseline per dataset. "
-                                   "Writes results.json (every run; resumable: finished runs are reused), "
-                                   "results.md (mean ± std table) and figures (with matplotlib) to --output.")
+    p = sub.add_parser("benchmark", parents=list(parents), help="run a grid of fusions x datasets x seeds and print a mean ± std table",
+                       description="Train every --fusions on every --datasets for every --seeds with one config "
+                                   "(each fusion as its registered recipe says, with your overrides), plus a "
+                                   "best-single-modality and a logistic-regression baseline per dataset. Writes one "
+                                   "file per run to --output/runs/ as it finishes (resumable: finished runs are "
+                                   "reused; several runners may share a folder), results.json (index), results.md "
+                                   "(mean ± std tables), results.csv, summary.csv, config.json and figures (with "
+                                   "matplotlib).")
     add_benchmark_arguments(p)
 
 
 def _run_benchmark_command(args: argparse.Namespace) -> int:
-    from multizoo_ext.benchmark import config_from_args, run_benchmark
+    from multizoo_ext.runner import config_from_args, run_benchmark
+    from multizoo_ext.runner.options import source_of
 
     try:
-        runs = run_benchmark(config_from_args(args))
+        runs = run_benchmark(config_from_args(args), config_text=source_of(args))
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(runs.markdown)
     print(f"{runs.computed} run(s) computed, {runs.reused} reused from an earlier run")
-    for path in [runs.json_path, runs.markdown_path, *runs.figures]:
+    if runs.moved_to is not None:
+        print(f"moved the earlier results to {runs.moved_to}")
+    for path in runs.paths:
         print(f"wrote {path}")
     return 0
 
 
-# --- bench subcommand: the measurement scripts (code in multizoo_ext/bench/, see its docstring) ---
-def _add_bench_parser(sub: Any) -> None:
-    from multizoo_ext.bench import SCRIPTS
-
-    p = sub.add_parser("bench", help="run a measurement script of benchmarks/ (ms, deq, refnet)",
-                       description="Run one of the measurement scripts of benchmarks/ with the arguments that "
-                                   "follow, passed through unchanged: 'multizoo-ext bench ms --batches 128' is "
-                                   "'python benchmarks/bench_multisimilarity.py --batches 128'. "
-                                   "'multizoo-ext bench NAME --help' shows the script's own options.",
-                       epilog="scripts:\n" + "\n".join(f"  {name:<8} {entry['help']}"
-                                                        for name, entry in SCRIPTS.items()),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("script", choices=list(SCRIPTS), help="which script: " + ", ".join(SCRIPTS))
-    p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS",
-                   help="the script's own arguments (see 'multizoo-ext bench NAME --help')")
+#: What a user's input can raise on its way through a command: reported in one line, exit 2.
+_USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError, zipfile.BadZipFile,
+                pickle.UnpicklingError)
 
 
-def _run_bench_command(args: argparse.Namespace) -> int:
-    from multizoo_ext.bench import run_script
+def _guarded(command: Any, args: argparse.Namespace) -> Any:
+    """Run ``command(args)``; a user error becomes one line on stderr (and None); -v also
+    logs its traceback."""
+    try:
+        return command(args)
+    except _USER_ERRORS as exc:
+        if getattr(args, "verbose", False):
+            logger.info("traceback of the error below", exc_info=True)
+        text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"error: {text or type(exc).__name__}", file=sys.stderr)
+        return None
 
-    return run_script(args.script, args.script_args, prog=f"multizoo-ext bench {args.script}")
+
+def _relaunch_distributed(nproc: int, argv: Sequence[str]) -> int:
+    """Run this command again in ``nproc`` processes under ``torch.distributed.run`` (single
+    machine, a free local port); the children see ``WORLD_SIZE`` and train data-parallel."""
+    if nproc < 1:
+        print(f"error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
+        return 2
+    import subprocess
+
+    rest, skip = [], False  # the children run without --nproc (torchrun's parser would take it for its own)
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "multizoo_ext", *rest]
+    logger.info("launching %s", " ".join(cmd))
+    return subprocess.call(cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,40 +246,61 @@ def build_parser() -> argparse.ArgumentParser:
         prog="multizoo-ext",
         description="ReFNet and DEQ fusion for MultiBench-style multimodal experiments.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each epoch")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each epoch (also after the command)")
+    verbose = argparse.ArgumentParser(add_help=False)  # so -v works after the subcommand too
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log each epoch, and show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p_train = sub.add_parser("train", help="train one fusion on one dataset and print a results table",
-                             description="Train encoders + a fusion + a head, select the best epoch on the "
-                                         "validation split, and report test metrics.")
+    p_train = sub.add_parser("train", parents=[verbose],
+                             help="train one fusion on one dataset and print a results table",
+                             description="Train encoders + a fusion + a head as the fusion's registered recipe "
+                                         "says (its objective and fusion learning rate), select the best epoch on "
+                                         "the validation split, and report test metrics.")
     _add_train_args(p_train)
-    p_list = sub.add_parser("list", help="list registered datasets, fusions, encoders and objectives")
+    p_eval = sub.add_parser("evaluate", parents=[verbose], help="rebuild a saved run and score it on a dataset",
+                            description="Rebuild the model a 'multizoo-ext train' folder records, load its best "
+                                        "weights (weights_only) and print its test metrics.")
+    _add_evaluate_args(p_eval)
+    p_list = sub.add_parser("list", parents=[verbose],
+                            help="list the datasets, fusions, encoders and objectives train accepts")
     p_list.set_defaults(command="list")
-    _add_benchmark_parser(sub)
-    _add_bench_parser(sub)
+    _add_benchmark_parser(sub, [verbose])
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "bench":  # before logging.basicConfig: the scripts set up their own output
-        return _run_bench_command(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "list":
+        from multizoo_ext.builder import ENCODER_CHOICES, PLAIN_OBJECTIVE
         from multizoo_ext.registry import list_encoders, list_objectives
         for kind, names in [("datasets", list_datasets()), ("fusions", list_fusions()),
-                            ("encoders", list_encoders()), ("objectives", list_objectives())]:
+                            ("encoders", list(ENCODER_CHOICES)), ("objectives", [PLAIN_OBJECTIVE] + list_objectives())]:
             print(f"{kind}: {', '.join(names)}")
+        others = [n for n in list_encoders() if n not in ENCODER_CHOICES]
+        print(f"(also registered for the Python API, for sequence and image inputs: {', '.join(others)})")
         return 0
+    if args.command == "train" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_distributed(args.nproc, list(sys.argv[1:] if argv is None else argv))
     if args.command == "train":
-        try:
-            row = run_train(args)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        row = _guarded(run_train, args)
+        if row is None:
             return 2
-        print(format_results(row))
-        print(f"\nweights and results in {args.output}/ (best.pt, best.json, results.json)")
+        from multizoo_ext.training_structures import distributed
+
+        if distributed.is_main():
+            print(format_results(row))
+            print(f"\nweights and results in {args.output}/ (best.pt, best.json, results.json)")
+        if distributed.is_distributed():
+            torch.distributed.destroy_process_group()
+        return 0
+    if args.command == "evaluate":
+        table = _guarded(run_evaluate, args)
+        if table is None:
+            return 2
+        print(table)
         return 0
     if args.command == "benchmark":
         return _run_benchmark_command(args)

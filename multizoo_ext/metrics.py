@@ -14,17 +14,11 @@ import numpy as np
 import torch
 from sklearn import metrics as skm
 
-TASKS = ("classification", "multilabel", "regression")
+from multizoo_ext.tasks import TASKS, check_task  # noqa: F401  (re-exported: one owner of the task rules)
 
 # The metric each task selects the best epoch on, and whether larger is better.
 SELECTION_METRIC = {"classification": ("accuracy", True), "multilabel": ("f1_macro", True),
                     "regression": ("loss", False)}
-
-
-def check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    return task
 
 
 def _np(x: torch.Tensor) -> np.ndarray:

@@ -6,11 +6,11 @@
     loss = task_loss(pred, truth) + jacobian_weight * jac_loss
 
 where ``jac_loss`` is the Hutchinson estimate of ``||J_f(z*)||_F^2 / numel`` that a
-:class:`~multizoo_ext.fusions.deq.DEQFusion` built with ``jac_reg=True`` keeps as
-``.jac_loss`` after each training forward. The DEQ module is found in ``args['deq']`` when
-the caller put it there, else in ``args['model']`` (MultiBench's MMDL: its ``.fuse`` and
-that module's children first, so a DEQFusion wrapped by e.g. ``ReFNet(...).fusion`` is found,
-then the whole model).
+:class:`~multizoo_ext.fusions.deq.DEQFusion` built with ``jac_reg=True`` computes in each
+training forward, read with its ``take_jacobian_penalty(batch_size)``. The DEQ module is
+found in ``args['deq']`` when the caller put it there, else in ``args['model']``
+(MultiBench's MMDL: its ``.fuse`` and that module's children first, so a DEQFusion wrapped
+by e.g. ``ReFNet(...).fusion`` is found, then the whole model).
 
 Reference weights: 0.1 on MM-IMDB, 20 on BRCA, 0.01 on MOSI.
 
@@ -28,13 +28,14 @@ Example::
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping, MutableMapping, Optional
 
 from torch import Tensor, nn
 
 from multizoo_ext.fusions.deq import DEQFusion, find_deq
-from multizoo_ext.objectives.refnet import default_criterion, task_loss
 from multizoo_ext.registry import register_objective
+from multizoo_ext.tasks import default_criterion, resolve_task, task_loss
 
 __all__ = ["DEFAULT_JACOBIAN_WEIGHT", "deq_objective", "find_deq_in_args"]
 
@@ -66,22 +67,28 @@ def find_deq_in_args(args: Optional[Mapping[str, Any]]) -> Optional[DEQFusion]:
 @register_objective("deq")
 def deq_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
                   jacobian_weight: float = DEFAULT_JACOBIAN_WEIGHT,
-                  task: str = "classification") -> Objective:
+                  task: Optional[str] = None) -> Objective:
     """Task loss plus the DEQ fusion's Jacobian penalty, for MultiBench's ``train``.
 
     Args:
         task_criterion: ``(pred, truth) -> scalar`` task loss (e.g. ``nn.BCEWithLogitsLoss()``).
             Default: MultiBench's loss for ``task`` (CrossEntropy / BCEWithLogits / MSE).
-        jacobian_weight: weight of ``jac_loss``; 0 gives the task loss alone. Default: 0.1.
-        task: used only when ``task_criterion`` is None.
+        jacobian_weight: weight of ``jac_loss``, finite and >= 0; 0 gives the task loss
+            alone. Default: 0.1.
+        task: used only when ``task_criterion`` is None: its default criterion. Default:
+            classification.
 
     Returns:
         ``objective(pred, truth, args) -> scalar``. In validation (``args['training']``
         False) it returns the task loss (the penalty is only computed in training).
 
-    Raises (when the closure is called in training with ``jacobian_weight > 0``):
-        ValueError: ``args`` is None (pass ``objective_args_dict={}`` to ``train``), no
-        DEQFusion in ``args``, or the DEQFusion was built without ``jac_reg=True``.
+    Raises:
+        ValueError: ``jacobian_weight`` negative, NaN or infinite. When the closure is called
+        in training with ``jacobian_weight > 0``: ``args`` is None (pass
+        ``objective_args_dict={}`` to ``train``), no DEQFusion in ``args``, or the
+        DEQFusion's last forward computed no penalty for this batch (built without
+        ``jac_reg=True``, another batch size, or already scored; see
+        ``DEQFusion.take_jacobian_penalty``).
 
     Example:
         >>> import torch
@@ -94,9 +101,9 @@ def deq_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]] =
         >>> loss.backward()
     """
     weight = float(jacobian_weight)
-    if weight < 0:
-        raise ValueError(f"deq_objective: jacobian_weight must be >= 0, got {jacobian_weight}")
-    criterion = default_criterion(task) if task_criterion is None else task_criterion
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"deq_objective: jacobian_weight must be >= 0 and finite, got {jacobian_weight}")
+    criterion = default_criterion(resolve_task(task)) if task_criterion is None else task_criterion
 
     def objective(pred: Tensor, truth: Tensor, args: Optional[MutableMapping[str, Any]] = None) -> Tensor:
         loss = task_loss(criterion, pred, truth)
@@ -112,9 +119,6 @@ def deq_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]] =
         if deq is None:
             raise ValueError("deq_objective found no DEQFusion in args['deq'] or args['model']; "
                              "put it in objective_args_dict['deq'] or set jacobian_weight=0")
-        if deq.jac_loss is None:
-            raise ValueError("deq_objective: the DEQFusion computed no Jacobian penalty in this training "
-                             "step; build it with DEQFusion(..., jac_reg=True) or set jacobian_weight=0")
-        return loss + weight * deq.jac_loss.to(loss.device)
+        return loss + weight * deq.take_jacobian_penalty(pred.shape[0]).to(loss.device)
 
     return objective

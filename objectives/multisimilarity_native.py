@@ -31,19 +31,21 @@ _NAME = "multisimilarity"
 _P, _F, _L, _I = ctypes.c_void_p, ctypes.c_float, ctypes.c_long, ctypes.c_int
 
 
+def _prepare(lib: ctypes.CDLL) -> None:
+    """Look up and type the kernels' symbols (inside :func:`native.load`'s guarded load: a
+    library without them is rebuilt once, then the eager path is used)."""
+    lib.ms_normalize_f32.argtypes = [_P, _L, _L, _F, _P, _P]
+    lib.ms_normalize_f32.restype = _I
+    lib.ms_square_f32.argtypes = [_P, _P, _I, _L, _F, _F, _F, _F, _I, _P, _P, _P]
+    lib.ms_square_f32.restype = None
+    lib.ms_project_f32.argtypes = [_P, _P, _P, _L, _L, _F, _F]
+    lib.ms_project_f32.restype = None
+    lib.ms_pack_multihot_i64.argtypes = [_P, _L, _L, _P]
+    lib.ms_pack_multihot_i64.restype = _I
+
+
 def _library() -> Optional[ctypes.CDLL]:
-    lib = native.load(_NAME, _SOURCE)
-    if lib is not None and not getattr(lib, "_multizoo_typed", False):
-        lib.ms_normalize_f32.argtypes = [_P, _L, _L, _F, _P, _P]
-        lib.ms_normalize_f32.restype = _I
-        lib.ms_square_f32.argtypes = [_P, _P, _I, _L, _F, _F, _F, _F, _I, _P, _P, _P]
-        lib.ms_square_f32.restype = None
-        lib.ms_project_f32.argtypes = [_P, _P, _P, _L, _L, _F, _F]
-        lib.ms_project_f32.restype = None
-        lib.ms_pack_multihot_i64.argtypes = [_P, _L, _L, _P]
-        lib.ms_pack_multihot_i64.restype = _I
-        lib._multizoo_typed = True
-    return lib
+    return native.load(_NAME, _SOURCE, _prepare)
 
 
 def available() -> bool:

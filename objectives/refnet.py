@@ -44,12 +44,13 @@ import logging
 from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from multizoo_ext.fusions.refnet import ReFNet, find_refnet
 from multizoo_ext.objectives.multisimilarity import MultiSimilarityLoss
 from multizoo_ext.objectives.refiner import DEFAULT_REFINER_WEIGHT, REFINER_KINDS, RefinerLoss
 from multizoo_ext.registry import register_objective
+from multizoo_ext.tasks import default_criterion, resolve_task, task_loss
 
 __all__ = [
     "refnet_objective",
@@ -68,46 +69,6 @@ Weights = Union[float, Sequence[float]]
 DEFAULT_MS_WEIGHT = 0.1
 #: Multi-Similarity hyper-parameters (paper / pytorch-metric-learning names).
 DEFAULT_MS = {"alpha": 2.0, "beta": 50.0, "base": 0.5, "epsilon": 0.1}
-_TASKS = ("classification", "multilabel", "regression")
-
-
-def default_criterion(task: str) -> nn.Module:
-    """The task loss MultiBench uses for ``task``: CrossEntropy, BCEWithLogits or MSE."""
-    if task == "classification":
-        return nn.CrossEntropyLoss()
-    if task == "multilabel":
-        return nn.BCEWithLogitsLoss()
-    if task == "regression":
-        return nn.MSELoss()
-    raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
-
-
-def task_loss(criterion: Callable[[Tensor, Tensor], Tensor], pred: Tensor, truth: Tensor) -> Tensor:
-    """Apply ``criterion`` with the label dtype/shape it needs, on ``pred``'s device.
-
-    CrossEntropy: a ``(B, 1)`` truth is squeezed to ``(B,)`` and cast to int64; BCE, MSE and
-    L1: float truth of ``pred``'s dtype; anything else: truth as it came (moved only).
-
-    Args:
-        criterion: loss module or function ``(pred, truth) -> scalar``.
-        pred: ``(B, n_out)`` model output.
-        truth: labels, on any device.
-    """
-    if not isinstance(truth, Tensor):
-        raise TypeError(f"truth must be a tensor of labels, got {type(truth).__name__}")
-    truth = truth.to(pred.device)
-    if isinstance(criterion, nn.CrossEntropyLoss):
-        if truth.dim() == pred.dim() and truth.shape[-1] == 1:
-            truth = truth.squeeze(-1)  # (B, 1) -> (B,)
-        if not truth.is_floating_point() or truth.dim() < pred.dim():
-            truth = truth.long()
-        return criterion(pred, truth)
-    if isinstance(criterion, (nn.BCEWithLogitsLoss, nn.BCELoss, nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss)):
-        truth = truth.to(pred.dtype if pred.is_floating_point() else torch.float32)
-        if truth.shape != pred.shape and truth.numel() == pred.numel():
-            truth = truth.reshape(pred.shape)  # e.g. regression labels (B,) vs pred (B, 1)
-        return criterion(pred, truth)
-    return criterion(pred, truth)
 
 
 def _ms_labels(truth: Tensor, task: str, device: torch.device) -> Tensor:
@@ -248,9 +209,9 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
                      refiner_weight: Weights = DEFAULT_REFINER_WEIGHT, refiner_loss: str = "cosine",
                      ms_weight: Optional[float] = None, ms_alpha: float = DEFAULT_MS["alpha"],
                      ms_beta: float = DEFAULT_MS["beta"], ms_base: float = DEFAULT_MS["base"],
-                     ms_epsilon: float = DEFAULT_MS["epsilon"], task: str = "classification",
+                     ms_epsilon: float = DEFAULT_MS["epsilon"], task: Optional[str] = None,
                      refiner_kwargs: Optional[Dict[str, Any]] = None,
-                     eval_full_loss: bool = False) -> Objective:
+                     eval_full_loss: bool = False, ms_gather: bool = True) -> Objective:
     """Supervised ReFNet objective for MultiBench's ``train`` (and ours).
 
     Args:
@@ -265,10 +226,16 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
         ms_alpha, ms_beta, ms_base, ms_epsilon: Multi-Similarity positive scale, negative
             scale, offset and mining margin. Defaults: 2, 50, 0.5, 0.1 (paper).
         task: "classification" (labels ``(B,)``/``(B, 1)``), "multilabel" (multi-hot
-            ``(B, K)``) or "regression" (no Multi-Similarity).
+            ``(B, K)``) or "regression" (no Multi-Similarity). Default (None): the one
+            ``task_criterion`` implies (``BCEWithLogitsLoss`` -> multilabel, ``MSELoss`` /
+            ``L1Loss`` -> regression), else classification.
         refiner_kwargs: extra arguments for ``RefinerLoss`` (e.g. its contrastive threshold).
         eval_full_loss: in validation (``args['training']`` False) also add the refiner and
             Multi-Similarity terms. Default: False (task loss only; module docstring).
+        ms_gather: under data-parallel training, mine the Multi-Similarity pairs in the
+            global batch of all processes (``MultiSimilarityLoss(gather=True)``), so that W
+            processes train as one process on their concatenated batches. No effect in a
+            single process. Default: True (False: each process's batch on its own).
 
     Returns:
         ``objective(pred, truth, args) -> scalar``, the total loss on ``pred``'s device. Its
@@ -279,8 +246,7 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
         ValueError: bad task / weights / loss name, ``ms_weight > 0`` with regression; when
             called, ``args`` is None or no ReFNet / refiner can be found, or shapes disagree.
     """
-    if task not in _TASKS:
-        raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
+    task = resolve_task(task, task_criterion)
     if ms_weight is None:
         ms_weight = 0.0 if task == "regression" else DEFAULT_MS_WEIGHT
     if isinstance(ms_weight, bool) or not isinstance(ms_weight, (int, float)) or not ms_weight >= 0 \
@@ -290,7 +256,8 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
         raise ValueError("ms_weight > 0 needs class labels; Multi-Similarity is undefined for task='regression'")
     criterion = task_criterion if task_criterion is not None else default_criterion(task)
     refiner_term = _RefinerTerm(refiner_loss, refiner_weight, refiner_kwargs)
-    ms_loss = MultiSimilarityLoss(alpha=ms_alpha, beta=ms_beta, base=ms_base, epsilon=ms_epsilon) if ms_weight > 0 else None
+    ms_loss = MultiSimilarityLoss(alpha=ms_alpha, beta=ms_beta, base=ms_base, epsilon=ms_epsilon,
+                                  gather=ms_gather) if ms_weight > 0 else None
     who = "refnet_objective"
 
     def objective(pred: Tensor, truth: Tensor, args: Optional[MutableMapping[str, Any]]) -> Tensor:

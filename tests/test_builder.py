@@ -1,5 +1,6 @@
 """One recipe per method, read by one builder; the registry passes None through; ReFNet cannot
 go half-trained."""
+import json
 import warnings
 
 import pytest
@@ -8,6 +9,7 @@ from torch import nn
 
 from multizoo_ext import Recipe, create_dataset, create_fusion, get_recipe, seed_everything
 from multizoo_ext.builder import DataSpec, build_method, infer_data_spec, rebuild_method
+from multizoo_ext.checkpoint import load_checkpoint
 from multizoo_ext.cli import main
 from multizoo_ext.registry import Registry
 from multizoo_ext.fusions import Concat, DEQFusion, ReFNet
@@ -92,7 +94,7 @@ def _initial_refiners(seed: int) -> dict:
 
 def test_cli_train_refnet_trains_the_refiners(tmp_path):
     assert main(["train", "--fusion", "refnet", "--epochs", "1", "--quiet", "--output", str(tmp_path)]) == 0
-    saved = torch.load(tmp_path / "best.pt", weights_only=True)
+    saved, _ = load_checkpoint(tmp_path / "best.pt")
     start = _initial_refiners(0)
     prefix = "fuse.refiners."
     trained = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
@@ -124,3 +126,22 @@ def test_refnet_with_its_objective_does_not_warn():
         warnings.simplefilter("error", RuntimeWarning)
         train([nn.Identity(), nn.Identity()], fusion, nn.Linear(12, 2), _loaders(), _loaders(seed=1), 2,
               objective=refnet_objective(), objective_args_dict={}, save=None, progress=False)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "refnet", "deq"])
+def test_cli_train_and_the_runner_give_the_same_numbers(fusion, tmp_path):
+    """One name, one method: `train --fusion X` and a benchmark run of X with the same seed and
+    settings train the same model on the same batches."""
+    from multizoo_ext.runner import BenchmarkConfig, run_benchmark
+
+    args = ["train", "--fusion", fusion, "--dataset", "synthetic", "--data-arg", "n_samples=300", "--epochs", "2",
+            "--seed", "3", "--quiet", "--output", str(tmp_path / "cli")]
+    assert main(args) == 0
+    cli = json.loads((tmp_path / "cli" / "results.json").read_text())
+    runs = run_benchmark(BenchmarkConfig(datasets=["synthetic"], data_kwargs={"synthetic": {"n_samples": 300}},
+                                         fusions=[fusion], seeds=[3], epochs=2, baselines=False,
+                                         output=str(tmp_path / "bench"), plots=False))
+    entry = next(e for e in runs if e["method"] == fusion)
+    assert entry["test"]["accuracy"] == cli["test"]["accuracy"]
+    assert [h["train_loss"] for h in entry["history"]] == [h["train_loss"] for h in cli["history"]]
+    assert entry["config"]["fusion_lr_mult"] == cli["method"]["fusion_lr_mult"]

@@ -1,7 +1,7 @@
 """The examples run as documented (short settings) and print what their docstrings promise.
 
-``examples/*_in_multibench.py`` need a MultiBench checkout: they are run by
-``tests/objectives/test_refnet_objective.py`` when ``MULTIBENCH_PATH`` is set.
+``examples/*_in_multibench.py`` need MultiBench: ``tests/multibench/test_mb_examples.py`` runs
+them from the shared MultiBench tree (or ``MULTIBENCH_PATH``).
 """
 from __future__ import annotations
 

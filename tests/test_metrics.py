@@ -29,3 +29,17 @@ def test_multilabel_and_regression_and_missing_class():
     assert math.isnan(one_class["auroc"])
     with pytest.raises(ValueError, match="task must be one of"):
         compute_metrics("ranking", truth, logits)
+
+
+def test_f1_weighted_by_hand_and_against_sklearn():
+    from sklearn.metrics import f1_score
+
+    truth = torch.tensor([0, 0, 0, 0, 1, 2])
+    pred = torch.tensor([0, 0, 0, 1, 1, 1])
+    logits = torch.nn.functional.one_hot(pred, 3).float() * 4.0  # argmax is the prediction
+    m = compute_metrics("classification", truth, logits)
+    # class 0: precision 1, recall 3/4 -> F1 6/7; class 1: precision 1/3, recall 1 -> 1/2; class 2: 0.
+    # Weighted by support 4, 1, 1 of 6 samples.
+    assert m["f1_weighted"] == pytest.approx((4 * 6 / 7 + 1 * 0.5 + 1 * 0.0) / 6)
+    assert m["f1_weighted"] == pytest.approx(f1_score(truth.numpy(), pred.numpy(), average="weighted"))
+    assert m["f1_macro"] == pytest.approx((6 / 7 + 0.5 + 0.0) / 3)

@@ -16,26 +16,41 @@ after them, keyword arguments MultiBench lacks: ``device``, ``fusion_lr_mult``, 
   (MultiBench scripts reload ``best.pt`` with ``torch.load``; use
   :func:`multizoo_ext.checkpoint.load_checkpoint` or the returned model instead);
 - logging and tqdm instead of prints; the per-epoch history is returned;
-- bad input raises a clear error (wrong number of modalities, NaN/Inf, empty loaders,
-  labels out of range, non-finite loss).
+- bad input raises a clear error before any work (arguments: the benchmark runner's rules)
+  or at the batch that holds it (wrong number of modalities, NaN/Inf, empty loaders, labels
+  that break the task's rules, checked on every train / valid / test batch);
+- a NaN/Inf training loss stops with :class:`~multizoo_ext.training_structures.loop_utils.NonFiniteLossError`
+  (a ``FloatingPointError``) naming the kept checkpoint and carrying the history so far.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, MutableMapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from multizoo_ext.checkpoint import save_checkpoint
-from multizoo_ext.metrics import SELECTION_METRIC, check_task, compute_metrics, multibench_view
-from multizoo_ext.utils import count_parameters, resolve_device, seed_everything
-from multizoo_ext.validation import check_finite
+from multizoo_ext.metrics import SELECTION_METRIC, compute_metrics, multibench_view
+from multizoo_ext.tasks import check_labels, check_task, prepare_truth
+from multizoo_ext.training_structures import distributed
+from multizoo_ext.training_structures.loop_utils import (
+    BestKeeper,
+    solver_stats,
+    NonFiniteLossError,
+    batch_inputs,
+    check_loader,
+    check_loop_args,
+    check_loop_modules,
+    check_number,
+    mean_seconds,
+    progress_bar,
+    split_batch,
+    trainable_parameters,
+)
+from multizoo_ext.utils import resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -110,113 +125,88 @@ class TrainResult:
     parameters: int = 0
 
 
-def _prepare_truth(objective: Any, pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    if isinstance(objective, nn.CrossEntropyLoss):
-        if truth.dim() == pred.dim():
-            truth = truth.squeeze(pred.dim() - 1)
-        return truth.long().to(pred.device)
-    return truth.float().to(pred.device)
-
-
 def deal_with_objective(objective: Callable, pred: torch.Tensor, truth: torch.Tensor,
                         args: Optional[Dict[str, Any]]) -> torch.Tensor:
     """Call ``objective`` the way MultiBench does: the four plain torch losses as
-    ``objective(pred, truth)`` (CrossEntropy gets ``long`` labels with a trailing singleton
-    squeezed, the others ``float``), any other objective as ``objective(pred, truth, args)``.
-    ``truth`` is moved to ``pred``'s device (MultiBench moves it to ``cuda:0``)."""
+    ``objective(pred, truth)`` with the labels :func:`multizoo_ext.tasks.prepare_truth` gives
+    (CrossEntropy: ``long``, a trailing singleton squeezed; the others: float of ``pred``'s
+    shape, e.g. regression ``(B,)`` reshaped to ``(B, 1)``, never broadcast), any other
+    objective as ``objective(pred, truth, args)`` with ``truth`` as it came, moved to
+    ``pred``'s device (MultiBench moves it to ``cuda:0``)."""
     if type(objective) in _PLAIN_LOSSES:
-        return objective(pred, _prepare_truth(objective, pred, truth))
+        return objective(pred, prepare_truth(objective, pred, truth))
     return objective(pred, truth.to(pred.device), args)
 
 
-def _check_labels(task: str, out: torch.Tensor, truth: torch.Tensor) -> None:
-    """Raise a clear error when labels cannot belong to this head/task (first batch only)."""
-    if task == "classification":
-        y = truth.reshape(-1) if truth.dim() > 1 and truth.shape[-1] == 1 else truth
-        if y.dim() != 1 or y.shape[0] != out.shape[0]:
-            raise ValueError(f"classification expects labels of shape (B,) or (B, 1) with B={out.shape[0]}, "
-                             f"got {tuple(truth.shape)}")
-        if y.is_floating_point() and not torch.equal(y, y.round()):
-            raise ValueError("classification labels must be integer class indices, got non-integer values")
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= out.shape[1]:
-            raise ValueError(f"classification labels must lie in [0, {out.shape[1] - 1}] for a head with "
-                             f"{out.shape[1]} outputs, got labels in [{lo}, {hi}]")
-    elif task == "multilabel":
-        if tuple(truth.shape) != tuple(out.shape):
-            raise ValueError(f"multilabel expects multi-hot labels of shape {tuple(out.shape)} (B, K), "
-                             f"got {tuple(truth.shape)}")
-        if not bool(((truth == 0) | (truth == 1)).all()):
-            raise ValueError("multilabel labels must be multi-hot (0/1) values")
-    else:
-        if truth.numel() != out.numel():
-            raise ValueError(f"regression expects {out.numel()} target values for outputs of shape "
-                             f"{tuple(out.shape)}, got labels of shape {tuple(truth.shape)}")
-
-
-def _batch_inputs(batch: Sequence[Any], is_packed: bool, input_to_float: bool, device: torch.device,
-                  check_inputs: bool):
-    def prep(x: torch.Tensor) -> torch.Tensor:
-        x = x.float() if input_to_float else x
-        if check_inputs:
-            check_finite(x, "a batch input")
-        return x.to(device, non_blocking=True)
-
-    if is_packed:
-        return [[prep(x) for x in batch[0]], batch[1]]
-    return [prep(x) for x in batch[:-1]]
-
-
-def _len_or_none(loader: Iterable) -> Optional[int]:
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def _check_loader(loader: Iterable, name: str) -> None:
-    if loader is None:
-        raise ValueError(f"{name} is None; pass a DataLoader yielding [x_1, ..., x_M, y]")
-    if _len_or_none(loader) == 0:
-        raise ValueError(f"{name} is empty (0 batches); check the dataset split and batch_size")
+def _loss_input(objective: Any, truth: torch.Tensor, checked: torch.Tensor) -> torch.Tensor:
+    """Plain losses get the checked labels (canonical shape); custom objectives the batch's own."""
+    return checked if type(objective) in _PLAIN_LOSSES else truth
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, task: str = "classification", objective: Any = None,
              objective_args_dict: Optional[Dict[str, Any]] = None, is_packed: bool = False,
              input_to_float: bool = True, device: Optional[Union[str, torch.device]] = None,
-             check_inputs: bool = True) -> Dict[str, float]:
+             check_inputs: bool = True, *, split: str = "evaluation") -> Dict[str, float]:
     """Run ``model`` over ``loader`` in eval mode; return the task metrics plus ``loss``
-    (mean of ``objective`` over samples, when an objective is given) and ``n``."""
+    (mean of ``objective`` over samples, when an objective is given) and ``n``.
+
+    Every batch's labels are checked against the task and the head's output
+    (:func:`multizoo_ext.tasks.check_labels`); errors name the batch as ``"<split> batch i"``
+    (1-based), e.g. ``"test batch 3"``.
+    """
     check_task(task)
-    _check_loader(loader, "the evaluation dataloader")
+    check_loader(loader, f"the {split} dataloader")
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    sharded = distributed.is_sharded(loader)  # one process's share: gathered below
     was_training = model.training
     model.eval()
-    outs, truths, total, n = [], [], 0.0, 0
+    outs, truths, total, n, n_loss = [], [], 0.0, 0, 0
     try:
-        for batch in loader:
-            out = model(_batch_inputs(batch, is_packed, input_to_float, dev, check_inputs))
-            truth = batch[-1]
-            if n == 0:
-                _check_labels(task, out, truth.to(out.device))
+        for i, batch in enumerate(loader, 1):
+            where = f"{split} batch {i}"
+            inputs, truth = split_batch(batch, where)
+            out = model(batch_inputs(inputs, is_packed, input_to_float, dev, check_inputs, where))
+            checked = check_labels(truth, task, where=where, pred_shape=out.shape)
             if objective is not None:
                 if objective_args_dict is not None:
-                    objective_args_dict.update(reps=model.reps, fused=model.fuseout,
-                                               inputs=batch[:-1], training=False)
-                total += float(deal_with_objective(objective, out, truth, objective_args_dict)) * len(truth)
-            n += len(truth)
+                    objective_args_dict.update(reps=model.reps, fused=model.fuseout, inputs=inputs, training=False)
+                pred, label, count = out, _loss_input(objective, truth, checked), out.shape[0]
+                if sharded:  # the loss without the sampler's padding duplicates
+                    count, (pred, label) = distributed.trim_padding(loader, n, pred, label)
+                loss = deal_with_objective(objective, pred, label, objective_args_dict)
+                total += float(loss) * count
+                n_loss += count
+            n += out.shape[0]
             outs.append(out.detach().float().cpu())
-            truths.append(truth.detach().cpu())
+            truths.append(checked.detach().cpu())
     finally:
         model.train(was_training)
     if n == 0:
-        raise ValueError("the evaluation dataloader yielded no batches")
-    metrics = compute_metrics(task, torch.cat(truths), torch.cat(outs))
+        raise ValueError(f"the {split} dataloader yielded no batches")
+    pred_all, truth_all = torch.cat(outs), torch.cat(truths)
+    if sharded:  # every process's outputs, in the sampler's order, padding dropped
+        pred_all, truth_all = distributed.gather_predictions(pred_all, truth_all, loader)
+        total, n_loss = distributed.all_reduce_sum(total, n_loss)
+        n = len(truth_all)
+    metrics = compute_metrics(task, truth_all, pred_all)
     if objective is not None:
-        metrics["loss"] = total / n
+        metrics["loss"] = total / n_loss
     metrics["n"] = n
     return metrics
+
+
+def _check_train_args(encoders: Any, fusion: Any, head: Any, additional_optimizing_modules: Any, task: str,
+                      objective: Any, objective_args_dict: Any, fusion_lr_mult: Any, **loop_args: Any) -> None:
+    """train()'s argument rules (the benchmark runner's): raise before any work."""
+    check_task(task)
+    check_loop_args(**loop_args)
+    check_number("fusion_lr_mult", fusion_lr_mult, 0, strict=True)
+    check_loop_modules(encoders, fusion, head, additional_optimizing_modules)
+    if not callable(objective):
+        raise TypeError(f"objective must be a loss module or a callable (pred, truth, args), got {objective!r}")
+    if objective_args_dict is not None and not isinstance(objective_args_dict, MutableMapping):
+        raise TypeError(f"objective_args_dict must be None or a dict, got {type(objective_args_dict).__name__}")
 
 
 def train(
@@ -233,7 +223,7 @@ def train(
     Args (MultiBench's):
         encoders: list of modules, one per modality. fusion: fusion module. head: head module.
         train_dataloader, valid_dataloader: yield ``[x_1, ..., x_M, y]``.
-        total_epochs: maximum number of epochs.
+        total_epochs: maximum number of epochs (an integer >= 1).
         additional_optimizing_modules: further modules whose parameters are optimised too
             (e.g. a refiner/decoder an objective uses). Never mutated.
         is_packed: batches are ``[[x_1..x_M], lengths, ..., y]``.
@@ -242,105 +232,144 @@ def train(
         task: "classification" (selects on accuracy), "multilabel" (macro F1) or
             "regression" (validation loss).
         optimtype, lr, weight_decay: optimiser class and its settings. Default RMSprop, 1e-3, 0.
+            ``lr`` must be > 0 and finite, ``weight_decay`` >= 0 and finite.
         objective: a plain torch loss or a ``(pred, truth, args)`` callable.
         auprc: log validation AUPRC each epoch (always in the history).
-        save: path for the best weights (state_dict + ``.json`` config); None saves nothing.
+        save: path for the best weights (state_dict + ``.json`` config), written as soon as an
+            epoch improves; None saves nothing.
         validtime: log validation time.
         objective_args_dict: dict handed to custom objectives; each batch sets ``reps``,
             ``fused``, ``inputs`` (raw CPU inputs), ``training`` and, in training, ``model``.
-        input_to_float: cast inputs to float. clip_val: gradient-norm clip.
+        input_to_float: cast inputs to float. clip_val: gradient-norm clip (> 0).
         track_complexity: record parameter count and time per epoch in the result (and log them).
 
     Args (ours, keyword-only):
         device: None -> CUDA if available else CPU; or "cpu", "cuda:1", a torch.device.
-        fusion_lr_mult: learning-rate multiplier for the fusion's parameters (DEQ fusion's
-            reference trains the fusion at 0.1x). Default: 1.0.
+        fusion_lr_mult: learning-rate multiplier (> 0, finite) for the fusion's parameters
+            (DEQ fusion's reference trains the fusion at 0.1x). Default: 1.0. To freeze the
+            fusion, call ``fusion.requires_grad_(False)`` instead.
         seed: seed Python/NumPy/torch before training (data order, dropout). Seed before
             building the modules for repeatable initial weights.
-        patience: early-stopping patience (MultiBench: 7).
+        patience: early-stopping patience, an integer >= 0 (MultiBench: 7).
         progress: tqdm progress bar; None -> only when stderr is a terminal.
         check_inputs: raise on NaN/Inf inputs (one check per batch).
         config: extra JSON-serialisable entries for the checkpoint's config.
+
+    Labels are checked on every batch (train and validation) against the task and the head's
+    output (:func:`multizoo_ext.tasks.check_labels`): integral class indices within the head's
+    width, 0/1 multi-hot of the head's width, regression targets of the head's shape
+    (``(B,)`` is reshaped to a ``(B, 1)`` head's shape, never broadcast). Plain torch losses
+    receive those checked labels; custom objectives receive the batch's labels as they came.
 
     Returns:
         :class:`TrainResult` (model with the best weights, history, ...).
 
     Raises:
-        ValueError: empty loaders, wrong number of modalities, NaN/Inf inputs, labels out of
-            range, bad task; FloatingPointError: the training loss became NaN/Inf.
+        ValueError / TypeError: bad arguments (checked before any work: the rules above,
+            modules with zero-sized layers, bad task or device), empty loaders, wrong number
+            of modalities, NaN/Inf inputs, labels that break the task's rules (the message
+            names the epoch and batch).
+        NonFiniteLossError: (a ``FloatingPointError``) the training loss became NaN/Inf. The
+            message names the epoch and batch and which epoch's weights were kept and where;
+            the modules hold those best weights again, and the exception's ``.result`` is the
+            :class:`TrainResult` up to the last complete epoch (also ``.history``,
+            ``.best_epoch``, ``.checkpoint``).
     """
-    check_task(task)
-    if total_epochs < 1:
-        raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
-    _check_loader(train_dataloader, "train_dataloader")
-    _check_loader(valid_dataloader, "valid_dataloader")
+    _check_train_args(encoders, fusion, head, additional_optimizing_modules, task, objective, objective_args_dict,
+                      fusion_lr_mult, total_epochs=total_epochs, lr=lr, weight_decay=weight_decay,
+                      patience=patience, clip_val=clip_val, optimtype=optimtype, seed=seed, save=save)
+    multi = distributed.init_from_env()  # torchrun with WORLD_SIZE > 1: join the process group
+    dev = distributed.local_device(device) if multi else resolve_device(device)
+    check_loader(train_dataloader, "train_dataloader")
+    check_loader(valid_dataloader, "valid_dataloader")
     if seed is not None:
         seed_everything(seed)
-    dev = resolve_device(device)
     model = MMDL(encoders, fusion, head, has_padding=is_packed).to(dev)
     extra = [m.to(dev) for m in additional_optimizing_modules]
+    sync, net = None, model  # net: what the training forward calls (the DDP wrapper under torchrun)
+    if multi:
+        sync = distributed.GradientSync(model, extra, distributed.default_strategy(), dev)
+        net = sync.forward_module
+        train_dataloader = distributed.distributed_loader(train_dataloader, seed or 0)
+        valid_dataloader = distributed.distributed_loader(valid_dataloader, seed or 0)
+        distributed.silence_unless_main(logger)
+        progress = progress if distributed.is_main() else False
 
-    def _params(mods):
-        seen, out = set(), []
-        for m in mods:
-            for p in m.parameters():
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
-
-    fusion_params = _params([model.fuse])
+    fusion_params = trainable_parameters([model.fuse])
     fusion_ids = {id(p) for p in fusion_params}
-    other_params = [p for p in _params([model] + extra) if id(p) not in fusion_ids]
+    other_params = [p for p in trainable_parameters([model] + extra) if id(p) not in fusion_ids]
     groups = [{"params": other_params, "lr": lr}]
     if fusion_params:
         groups.append({"params": fusion_params, "lr": lr * fusion_lr_mult})
     optimizer = optimtype(groups, lr=lr, weight_decay=weight_decay)
-    n_params = sum(p.numel() for p in _params([model] + extra))
+    n_params = sum(p.numel() for p in trainable_parameters([model] + extra))
 
     metric_name, higher_better = SELECTION_METRIC[task]
-    best = -math.inf if higher_better else math.inf
-    best_state, best_extra, best_epoch, bad_epochs = None, None, -1, 0
+    keeper = BestKeeper(model, extra, save if distributed.is_main() else None, higher_better)  # rank 0 writes
+    base_config = {"task": task, "parameters": n_params, "encoders": [type(e).__name__ for e in model.encoders],
+                   "fusion": type(model.fuse).__name__, "head": type(model.head).__name__, **(config or {})}
     history: List[Dict[str, float]] = []
     result = TrainResult(model=model, parameters=n_params)
-    epoch_bar = tqdm(range(total_epochs), desc="epochs", disable=None if progress is None else not progress,
-                     leave=False)
-    checked = False
+
+    def finish() -> TrainResult:
+        keeper.restore()
+        result.history = history
+        result.best_epoch, result.best_score, result.checkpoint = keeper.best_epoch, keeper.best, keeper.checkpoint
+        result.seconds_per_epoch = mean_seconds(history)
+        return result
+
+    epoch_bar = progress_bar(range(total_epochs), "epochs", progress)
+    bad_epochs = 0
     for epoch in epoch_bar:
         t0 = time.perf_counter()
         model.train()
         total, n = 0.0, 0
-        for batch in train_dataloader:
+        if sync is not None:
+            distributed.set_epoch(train_dataloader, epoch)
+        for i, batch in enumerate(train_dataloader, 1):
+            where = f"epoch {epoch}, train batch {i}"
+            inputs, truth = split_batch(batch, where)
             optimizer.zero_grad(set_to_none=True)
-            out = model(_batch_inputs(batch, is_packed, input_to_float, dev, check_inputs))
-            truth = batch[-1]
-            if not checked:
-                _check_labels(task, out, truth.to(out.device))
-                checked = True
+            out = net(batch_inputs(inputs, is_packed, input_to_float, dev, check_inputs, where))
+            checked = check_labels(truth, task, where=where, pred_shape=out.shape)
             if objective_args_dict is not None:
-                objective_args_dict.update(reps=model.reps, fused=model.fuseout, inputs=batch[:-1],
+                objective_args_dict.update(reps=model.reps, fused=model.fuseout, inputs=inputs,
                                            training=True, model=model)
-            loss = deal_with_objective(objective, out, truth, objective_args_dict)
+            loss = deal_with_objective(objective, out, _loss_input(objective, truth, checked), objective_args_dict)
             loss_value = loss.detach().item()
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"training loss became {loss_value} at epoch {epoch}; lower the learning "
-                                         f"rate, check the inputs, or clip harder (clip_val={clip_val})")
+                epoch_bar.close()
+                finish()
+                raise NonFiniteLossError(
+                    f"training loss became {loss_value} at epoch {epoch}, train batch {i}; training stopped and "
+                    f"{keeper.describe()}; lower the learning rate, check the inputs, or clip harder "
+                    f"(clip_val={clip_val})", result, epoch, i)
             loss.backward()
+            if sync is not None:
+                sync.after_backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_val)
             optimizer.step()
-            total += loss_value * len(truth)
-            n += len(truth)
+            total += loss_value * out.shape[0]
+            n += out.shape[0]
         if n == 0:
             raise ValueError("train_dataloader yielded no batches")
+        if sync is not None:
+            total, n = distributed.all_reduce_sum(total, n)
+            sync.sync_buffers()
+        solver = solver_stats(model)  # equilibrium fusions: how many training samples converged
         t_valid = time.perf_counter()
         valid = evaluate(model, valid_dataloader, task, objective, objective_args_dict, is_packed,
-                         input_to_float, dev, check_inputs)
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": total / n, "seconds": seconds,
-               **{f"valid_{k}": v for k, v in valid.items() if k != "n"}}
+                         input_to_float, dev, check_inputs, split=f"epoch {epoch}, valid")
+        solver_stats(model)  # validation forwards are not counted
+        row = {"epoch": epoch, "train_loss": total / n, "seconds": time.perf_counter() - t0,
+               **{f"valid_{k}": v for k, v in valid.items() if k != "n"}, **solver}
         history.append(row)
         score = valid[metric_name]
-        improved = score > best if higher_better else score < best
+        if sync is not None:  # rank 0's score: the same decisions on every rank
+            score = distributed.broadcast_object(score)
+        improved = keeper.update(epoch, score, {**base_config, metric_name: score})
+        if sync is not None and improved and save is not None:
+            distributed.barrier()  # the checkpoint is complete before any rank goes on
         logger.info("epoch %d train loss %.4f valid %s %.4f%s", epoch, row["train_loss"], metric_name, score,
                     " (best)" if improved else "")
         if auprc:
@@ -348,30 +377,12 @@ def train(
         if validtime:
             logger.info("epoch %d validation took %.3fs", epoch, time.perf_counter() - t_valid)
         epoch_bar.set_postfix(train_loss=f"{row['train_loss']:.4f}", **{f"valid_{metric_name}": f"{score:.4f}"})
-        if improved:
-            best, best_epoch, bad_epochs = score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-            best_extra = [copy.deepcopy(m.state_dict()) for m in extra]
-            if save is not None:
-                cfg = {"epoch": epoch, "task": task, metric_name: score, "parameters": n_params,
-                       "encoders": [type(e).__name__ for e in model.encoders],
-                       "fusion": type(model.fuse).__name__, "head": type(model.head).__name__,
-                       **(config or {})}
-                save_checkpoint(save, best_state, cfg)
-        else:
-            bad_epochs += 1
+        bad_epochs = 0 if improved else bad_epochs + 1
         if early_stop and bad_epochs > patience:
             logger.info("early stop after epoch %d (no improvement for %d epochs)", epoch, bad_epochs)
             break
     epoch_bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        for m, sd in zip(extra, best_extra or []):
-            m.load_state_dict(sd)
-    result.history = history
-    result.best_epoch, result.best_score = best_epoch, best
-    result.checkpoint = None if save is None or best_state is None else str(save)
-    result.seconds_per_epoch = sum(h["seconds"] for h in history) / len(history)
+    finish()
     if track_complexity:
         logger.info("trained %d parameters, %.3fs per epoch", n_params, result.seconds_per_epoch)
     return result
@@ -379,10 +390,11 @@ def train(
 
 def single_test(model, test_dataloader, is_packed=False, criterion=nn.CrossEntropyLoss(),
                 task="classification", auprc=False, input_to_float=True, *, device=None,
-                full: bool = False) -> Dict[str, float]:
+                full: bool = False, split: str = "test") -> Dict[str, float]:
     """One evaluation pass, MultiBench's ``single_test``. Returns MultiBench's keys
-    (``Accuracy`` [+ ``AUPRC``]; ``micro``/``macro``; ``MSE``), or with ``full=True`` every metric."""
-    m = evaluate(model, test_dataloader, task, None, None, is_packed, input_to_float, device)
+    (``Accuracy`` [+ ``AUPRC``]; ``micro``/``macro``; ``MSE``), or with ``full=True`` every metric.
+    Every batch's labels are checked (see :func:`evaluate`); ``split`` names the batches in errors."""
+    m = evaluate(model, test_dataloader, task, None, None, is_packed, input_to_float, device, split=split)
     if full:
         return m
     out = multibench_view(task, m)
@@ -424,9 +436,9 @@ def test(model, test_dataloaders_all, dataset="default", method_name="My method"
     robustness: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for modality, loaders in test_dataloaders_all.items():
         curves: Dict[str, List[float]] = {}
-        for loader in loaders:
+        for level, loader in enumerate(loaders):
             res = single_test(model, loader, is_packed, criterion, task, auprc, input_to_float, device=device,
-                              full=full)
+                              full=full, split=f"test ({modality}, noise level {level})")
             for k, v in res.items():
                 curves.setdefault(k, []).append(v)
         robustness[modality] = {}

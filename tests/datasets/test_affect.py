@@ -1,4 +1,5 @@
 """CMU-MOSI/MOSEI-style pickles: {'train','valid','test'} x {vision, audio, text, labels}."""
+import os
 import pickle
 
 import numpy as np
@@ -6,8 +7,9 @@ import pytest
 import torch
 
 from multizoo_ext import create_dataset
-from multizoo_ext.datasets.affect import get_dataloader
+from multizoo_ext.datasets.affect import get_dataloader, load_affect_pickle
 from multizoo_ext.datasets.common import DataKeyError
+from multizoo_ext.datasets.safe_pickle import UnsafePickleError
 
 T, DV, DA, DT = 8, 3, 4, 5
 
@@ -139,3 +141,72 @@ def test_errors(tmp_path):
     _write(path)
     with pytest.raises(ValueError, match=r"affect supports task 'regression' or 'classification', got 'multilabel'"):
         get_dataloader(path, task="multilabel")
+
+
+class _WritesMarker:
+    """Unpickling this object would call ``exec`` and write a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "marker.txt"
+    path = tmp_path / "evil.pkl"
+    data = {"train": {"vision": _WritesMarker(marker)}, "valid": {}, "test": {}}
+    path.write_bytes(pickle.dumps(data))
+    with pytest.raises(UnsafePickleError, match=r"refused to unpickle the global builtins\.exec.*trust_pickle=True"):
+        get_dataloader(path)
+    with pytest.raises(ValueError, match=r"builtins\.exec"):  # also a ValueError (the CLI's bad input)
+        create_dataset("affect", filepath=str(path))
+    assert not marker.exists()
+    # os.system through protocol 0 and 2 as well
+    for proto in (0, 2, 5):
+        evil = pickle.dumps({"train": _Reduce(os.system, ("true",))}, protocol=proto)
+        path.write_bytes(evil)
+        with pytest.raises(UnsafePickleError, match=r"refused to unpickle the global (posix|nt|os)\.system"):
+            load_affect_pickle(path)
+
+
+class _Reduce:
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("proto", [2, 4, 5])
+def test_legitimate_pickles_load_with_every_protocol_and_object_ids(tmp_path, proto):
+    path = tmp_path / "ok.pkl"
+    raw = _write(path)
+    raw["test"]["id"] = np.array([b"a", b"b", None, "c", 1.5], dtype=object)  # object ids, as some files have
+    raw["train"]["labels"] = raw["train"]["labels"].astype(np.float32)
+    path.write_bytes(pickle.dumps(raw, protocol=proto))
+    _, _, te = get_dataloader(path, max_seq_len=5, batch_size=100)
+    np.testing.assert_allclose(next(iter(te))[-1][:, 0].numpy(), raw["test"]["labels"].reshape(-1), rtol=1e-6)
+    loaded = load_affect_pickle(path)
+    assert list(loaded["test"]["id"]) == [b"a", b"b", None, "c", 1.5]
+
+
+def test_trust_pickle_opens_everything_with_a_warning(tmp_path):
+    marker = tmp_path / "marker.txt"
+    path = tmp_path / "trusted.pkl"
+    raw = _write(path)
+    raw["extra"] = _WritesMarker(marker)
+    path.write_bytes(pickle.dumps(raw))
+    with pytest.warns(UserWarning, match="trust_pickle=True"):
+        tr, _, _ = create_dataset("affect", filepath=str(path), trust_pickle=True, batch_size=100)
+    assert marker.exists() and len(tr.dataset) == 9  # the trusted file's code ran, as asked
+    with pytest.raises(TypeError, match="trust_pickle must be True or False, got 'yes'"):
+        get_dataloader(path, trust_pickle="yes")
+
+
+def test_not_a_pickle(tmp_path):
+    path = tmp_path / "junk.pkl"
+    path.write_bytes(b"\x80\x04junk")
+    with pytest.raises(ValueError, match="is not a readable pickle"):
+        get_dataloader(path)

@@ -115,3 +115,41 @@ def test_errors(tmp_path):
     _write(path, nan=True)
     with pytest.raises(ValueError, match=r"'features' contains NaN/Inf values in the valid rows"):
         get_dataloader(path, **RANGES)
+
+
+@pytest.mark.parametrize("ranges, match", [
+    (dict(train_range=(0, 20), valid_range=(18, 24), test_range=(24, 30)),
+     r"train_range \[0, 20\) and valid_range \[18, 24\) overlap in rows \[18, 20\)"),
+    (dict(train_range=(0, 18), valid_range=(18, 24), test_range=(0, None)),
+     r"train_range \[0, 18\) and test_range \[0, 30\) overlap"),
+    (dict(train_range=(0, 18), valid_range=(20, 30), test_range=(24, 26)),
+     r"valid_range \[20, 30\) and test_range \[24, 26\) overlap in rows \[24, 26\)"),
+])
+def test_overlapping_ranges_are_an_error(tmp_path, ranges, match):
+    path = tmp_path / "imdb.h5"
+    _write(path)
+    with pytest.raises(ValueError, match=match):
+        get_dataloader(path, **ranges)
+
+
+@pytest.mark.parametrize("key", ["vgg_features", "genres"])
+def test_non_finite_image_or_label_row_is_an_error_when_read(tmp_path, key):
+    path = tmp_path / "imdb.h5"
+    rng = np.random.default_rng(1)
+    bad = {"vgg_features": rng.uniform(0, 5, size=(N, D_VGG)).astype(np.float32),
+           "genres": (rng.random((N, K)) > 0.6).astype(np.float32)}[key]
+    bad[25, 1] = np.inf if key == "vgg_features" else np.nan
+    _write(path, **{key: bad})
+    if key == "genres":  # labels are checked at load (multi-hot 0/1)
+        with pytest.raises(ValueError, match="must hold multi-hot 0/1 values"):
+            get_dataloader(path, **RANGES)
+        return
+    _, _, te = get_dataloader(path, **RANGES, batch_size=100)
+    assert torch.isfinite(te.dataset[0][1]).all()
+    with pytest.raises(ValueError, match=r"'vgg_features' row 25 contains NaN/Inf values"):
+        next(iter(te))
+    te.dataset.close()
+    path2 = tmp_path / "imdb2.h5"
+    _write(path2, **{key: np.where(np.arange(N)[:, None] == 2, np.float32(np.nan), bad)})
+    with pytest.raises(ValueError, match=r"vgg_features contains NaN/Inf values in rows \[0, 18\)"):
+        get_dataloader(path2, **RANGES, normalize="standard")  # with normalize: all training rows at load

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from multizoo_ext import create_dataset
-from multizoo_ext.datasets.mogonet import discover_modalities, get_dataloader
+from multizoo_ext.datasets.mogonet import ENV_PATH, discover_modalities, get_dataloader, load_mogonet
 
+# ../shared/data/ROSMAP beside the repository root, passed explicitly: the loaders have no default folder
 ROSMAP = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ROSMAP"
 WIDTHS = (6, 4, 5)
 
@@ -33,7 +34,7 @@ def _write(folder: Path, n_tr=40, n_te=12, widths=WIDTHS, seed=0):
 def test_load_shapes_splits_and_test_rows(tmp_path):
     data, y_tr, y_te = _write(tmp_path)
     assert discover_modalities(tmp_path) == [1, 2, 3]
-    tr, va, te = get_dataloader(tmp_path, batch_size=100)
+    tr, va, te = get_dataloader(tmp_path, batch_size=100, normalize="none")
     assert (len(tr.dataset), len(va.dataset), len(te.dataset)) == (32, 8, 12)
     batch = next(iter(te))
     assert [tuple(t.shape) for t in batch] == [(12, 6), (12, 4), (12, 5), (12,)]
@@ -68,7 +69,7 @@ def test_rosmap_alias_standardises_by_default(tmp_path):
 
 def test_normalisation_fitted_on_training_rows(tmp_path):
     data, _, _ = _write(tmp_path)
-    tr, _, te = get_dataloader(tmp_path, normalize="standard", batch_size=100)
+    tr, _, te = get_dataloader(tmp_path, batch_size=100)  # standardised by default, like rosmap
     fit_rows = data[(1, "tr")][tr.dataset.indices]  # training rows after the validation hold-out
     mean, std = fit_rows.mean(0), fit_rows.std(0)
     np.testing.assert_allclose(next(iter(te))[0].numpy(), (data[(1, "te")] - mean) / std, rtol=1e-4, atol=1e-5)
@@ -122,3 +123,54 @@ def test_real_rosmap():
     assert set(batch[-1].tolist()) == {0, 1}
     train_labels = torch.cat([tr.dataset.split_labels, va.dataset.split_labels])
     assert np.bincount(train_labels.numpy()).tolist() == [118, 127]  # 118 NC, 127 AD
+
+
+def test_gap_in_modality_numbering_is_an_error(tmp_path):
+    _write(tmp_path)
+    (tmp_path / "2_tr.csv").unlink()  # modality 3 used to vanish silently
+    with pytest.raises(ValueError, match=r"numbered 1\.\.3 without gaps; missing \['2_tr.csv'\]"):
+        get_dataloader(tmp_path)
+    (tmp_path / "1_tr.csv").rename(tmp_path / "1_tr.csv.bak")
+    with pytest.raises(ValueError, match=r"missing \['1_tr.csv', '2_tr.csv'\]"):
+        discover_modalities(tmp_path)
+    # with the modalities named, the present ones still load
+    tr, _, _ = get_dataloader(tmp_path, modalities=[3], batch_size=4)
+    assert next(iter(tr))[0].shape == (4, 5)
+
+
+@pytest.mark.parametrize("mods, err, match", [
+    ([1, 1], ValueError, r"modalities must not repeat an entry, got \[1, 1\] \(repeated: \[1\]\)"),
+    ([2, 3, 2], ValueError, r"repeated: \[2\]"),
+    ([0, 1], ValueError, r"modality numbers start at 1"),
+    ("12", TypeError, r"must be a list of modality numbers"),
+    ([1.5, 2], TypeError, r"must be integer modality numbers"),
+])
+def test_bad_modality_lists(tmp_path, mods, err, match):
+    _write(tmp_path)
+    with pytest.raises(err, match=match):
+        create_dataset("mogonet", path=str(tmp_path), modalities=mods)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", ["2_tr.csv", "3_te.csv", "labels_tr.csv"])
+def test_non_finite_values_are_an_error(tmp_path, bad, name):
+    _write(tmp_path)
+    x = np.loadtxt(tmp_path / name, delimiter=",", ndmin=2)
+    x[3, 0] = bad
+    np.savetxt(tmp_path / name, x, delimiter=",")
+    with pytest.raises(ValueError, match=rf"{name} contains 1 NaN/Inf value\(s\)"):
+        get_dataloader(tmp_path)
+
+
+def test_no_default_folder_path_or_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_PATH, raising=False)
+    monkeypatch.chdir(tmp_path)
+    for name in ("rosmap", "mogonet"):
+        with pytest.raises(ValueError, match=rf"pass path=\.\.\. \(CLI: --data-arg path=FOLDER\) or set the "
+                                             rf"environment variable {ENV_PATH}=FOLDER"):
+            create_dataset(name)
+    data, _, _ = _write(tmp_path / "data")
+    monkeypatch.setenv(ENV_PATH, str(tmp_path / "data"))
+    _, _, te = create_dataset("rosmap", batch_size=100, normalize="none")
+    np.testing.assert_allclose(next(iter(te))[0].numpy(), data[(1, "te")], rtol=1e-6)
+    assert load_mogonet(None)[4] == [1, 2, 3]

@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from multizoo_ext.fusions.common_fusions import Concat, LowRankTensorFusion, TensorFusion
+from multizoo_ext.fusions.refnet import ReFNet
 from multizoo_ext.fusions.transformer import TransformerFusion
 from multizoo_ext.registry import create_fusion, list_fusions
+from multizoo_ext.validation import check_input_dims
 
 
 def _inputs(dims, b=4, seed=0, requires_grad=False):
@@ -96,3 +98,81 @@ def test_fusions_follow_input_dtype_float64():
         out = fusion([x.double() for x in _inputs([3, 4])])
         out = out[0] if isinstance(out, tuple) else out
         assert out.dtype == torch.float64, name
+
+
+# ----------------------------------------------------------------------------- input checks
+PARAMETRISED = {
+    "LowRankTensorFusion": lambda: LowRankTensorFusion([3, 4], 5, 2),
+    "TransformerFusion": lambda: TransformerFusion([3, 4], d_model=8, nhead=2),
+    "ReFNet": lambda: ReFNet(Concat([3, 4]), [3, 4]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETRISED))
+@pytest.mark.parametrize("dtype, fix", [(torch.float64, r"fusion\.double\(\)"),
+                                        (torch.bfloat16, r"fusion\.to\(torch\.bfloat16\)"),
+                                        (torch.int64, r"cast the inputs to torch\.float32")])
+def test_wrong_dtype_gets_a_clear_error_naming_the_fix(name, dtype, fix):
+    fusion = PARAMETRISED[name]()
+    xs = [x.to(dtype) for x in _inputs([3, 4])]
+    with pytest.raises(TypeError, match=rf"{name}: expected float32 inputs like the fusion's parameters, "
+                                        rf"got {str(dtype)[6:]}, {str(dtype)[6:]}; .*{fix}"):
+        fusion(xs)
+    if dtype.is_floating_point:  # and the fix works
+        out = fusion.to(dtype)(xs)
+        assert out.dtype == dtype and out.shape == (4, fusion.out_dim)
+
+
+def test_autocast_inputs_are_accepted():
+    fusion = LowRankTensorFusion([3, 4], 5, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fusion([x.bfloat16() for x in _inputs([3, 4])])
+    assert out.shape == (4, 5) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", list_fusions())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_every_registered_fusion_refuses_non_finite_inputs(name, bad):
+    fusion = create_fusion(name, input_dims=[3, 4])
+    xs = _inputs([3, 4])
+    xs[1][2, 0] = bad
+    with pytest.raises(ValueError, match=r"modality \[1\] contain NaN/Inf"):
+        fusion(xs)
+
+
+def test_inputs_without_a_feature_dimension():
+    with pytest.raises(ValueError, match=r"Concat: modality 0 must be \(B, \.\.\.\) with a feature dimension, "
+                                         r"got shape \(4,\)"):
+        Concat()([torch.randn(4), torch.randn(4, 2)])
+    with pytest.raises(ValueError, match=r"LowRankTensorFusion: modality 1 must be \(B, d\), got shape \(4, 2, 2\)"):
+        LowRankTensorFusion([3, 4], 5, 2, flatten=False)([torch.randn(4, 3), torch.randn(4, 2, 2)])
+
+
+@pytest.mark.parametrize("dims, err, match", [
+    ([5], ValueError, r"input_dims must give at least 2 widths \(one per modality\), got \[5\]"),
+    ([], ValueError, r"input_dims must be non-empty positive widths, got \[\]"),
+    ([5, 0], ValueError, r"input_dims must be non-empty positive widths, got \[5, 0\]"),
+    ([5, 2.5], TypeError, r"input_dims must be a sequence of positive ints, got \[5, 2\.5\]"),
+    ([5, True], TypeError, r"input_dims must be a sequence of positive ints"),
+    ("57", TypeError, r"input_dims must be a sequence of positive ints, got '57'"),
+    (None, TypeError, r"input_dims must be a sequence of positive ints, got None"),
+])
+@pytest.mark.parametrize("cls", [LowRankTensorFusion, TransformerFusion, Concat, TensorFusion])
+def test_one_width_validator_for_every_fusion(cls, dims, err, match):
+    if dims is None and cls in (Concat, TensorFusion):
+        assert cls(None).input_dims is None  # MultiBench's no-argument form
+        return
+    with pytest.raises(err, match=rf"{cls.__name__}: {match}"):
+        cls(dims)
+    assert check_input_dims([5.0, 7], "X") == [5, 7]
+
+
+def test_finite_inputs_whose_sum_overflows_are_accepted():
+    """The NaN/Inf probe is a sum; a sum that overflows on finite values must not be refused."""
+    xs = [torch.full((4, 3), 3e38), torch.full((4, 4), -3e38)]
+    assert torch.equal(Concat([3, 4])(xs), torch.cat(xs, 1))
+    xs[1][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"modality \[1\] contain NaN/Inf"):
+        Concat([3, 4])(xs)
+    half = [torch.full((2, 3), 6e4, dtype=torch.float16), torch.full((2, 4), 6e4, dtype=torch.float16)]
+    assert Concat()(half).dtype == torch.float16

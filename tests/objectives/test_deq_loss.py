@@ -1,4 +1,8 @@
-"""deq_objective: task loss + weight * DEQFusion.jac_loss in MultiBench's (pred, truth, args) form."""
+"""deq_objective: task loss + weight * DEQFusion.jac_loss in MultiBench's (pred, truth, args) form;
+the fusion reports a penalty no objective used."""
+import logging
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -73,8 +77,21 @@ def test_missing_pieces_raise_clear_errors():
         obj(pred, truth, {"model": plain, "training": True})
     with pytest.raises(TypeError, match="args\\['deq'\\] must be a DEQFusion"):
         obj(pred, truth, {"deq": "nope", "training": True})
-    with pytest.raises(ValueError, match="jacobian_weight must be >= 0"):
-        deq_objective(nn.CrossEntropyLoss(), -1.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="jacobian_weight must be >= 0 and finite"):
+            deq_objective(nn.CrossEntropyLoss(), bad)
+
+
+def test_a_penalty_for_another_batch_or_already_scored_is_refused():
+    model, deq = _model()
+    pred = model(_batch(B=5))
+    truth = torch.tensor([0, 1, 2, 0, 1])
+    obj = deq_objective(nn.CrossEntropyLoss(), 0.1)
+    with pytest.raises(ValueError, match="a batch of 5 samples, but the objective scores 3"):
+        obj(pred[:3], truth[:3], {"model": model, "training": True})
+    obj(pred, truth, {"model": model, "training": True})
+    with pytest.raises(ValueError, match="already taken \\(stale\\)"):
+        obj(pred, truth, {"model": model, "training": True})
 
 
 def test_runs_inside_train_with_the_jacobian_term():
@@ -87,3 +104,28 @@ def test_runs_inside_train_with_the_jacobian_term():
                 objective=deq_objective(nn.CrossEntropyLoss(), 0.1), objective_args_dict={})
     assert len(res.history) == 1 and res.history[0]["train_loss"] > 0
     assert fusion.last_info is not None and fusion.last_info["jac_loss"] is None   # last pass: validation
+
+
+def _train_two_epochs(objective, caplog):
+    train_dl, valid_dl, _ = create_dataset("synthetic", task="mixed", n_samples=96, dims=(6, 6),
+                                           batch_size=32, seed=0)
+    torch.manual_seed(0)
+    fusion = DEQFusion([8, 8], width=8, f_max_iter=10, b_max_iter=10)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        train([MLP(6, 16, 8), MLP(6, 16, 8)], fusion, nn.Linear(8, 2), train_dl, valid_dl, 2,
+              optimtype=torch.optim.Adam, lr=1e-3, save=None, seed=0, progress=False,
+              objective=objective, objective_args_dict={})
+    logged = [r for r in caplog.records if "no objective used" in r.getMessage()]
+    return [w for w in caught if "no objective used" in str(w.message)], logged
+
+
+def test_a_plain_loss_loop_is_warned_once_that_the_penalty_went_unused(caplog):
+    caught, logged = _train_two_epochs(nn.CrossEntropyLoss(), caplog)
+    assert len(caught) == 1 and len(logged) == 1
+    assert "deq_objective(...) or build DEQFusion(jac_reg=False)" in str(caught[0].message)
+
+
+def test_a_deq_objective_loop_is_not_warned(caplog):
+    caught, logged = _train_two_epochs(deq_objective(nn.CrossEntropyLoss(), 0.1), caplog)
+    assert caught == [] and logged == []

@@ -30,8 +30,7 @@ Every solver finds ``z*`` with ``z* = f(z*)`` and shares one signature::
   evaluate ``f`` only on the unfinished ones. ``f`` is then called as ``f(z_sub, index)``
   with ``index`` ``(b,)`` int64, the batch positions of the rows of ``z_sub`` (a DEQ layer
   uses it to pick the matching injections). Worth it when samples converge at different
-  speeds (at random init the DEQ fusion's samples need 20 to 55+ iterations); it costs a
-  host sync per check and a copy of the solver's history per compaction.
+  speeds; it costs a host sync per check and a copy of the solver's history per compaction.
 
 ``info`` (a dict, all tensors on ``z0``'s device, detached):
     ``steps`` (B,) int64: evaluations of ``f`` up to the returned iterate (1 = ``z0``);
@@ -46,7 +45,7 @@ Every solver finds ``z*`` with ``z* = f(z*)`` and shares one signature::
 
 Example:
     >>> import torch
-    >>> from multizoo_ext.fusions.deq_solvers import anderson
+    >>> from multizoo_ext.fusions.deq.solvers import anderson
     >>> A = 0.5 * torch.eye(3)
     >>> f = lambda z: z @ A + 1.0                     # fixed point z* = 2
     >>> z, info = anderson(f, torch.zeros(4, 3), max_iter=30, tol=1e-6)
@@ -70,6 +69,7 @@ __all__ = [
     "broyden",
     "fixed_point_iter",
     "get_solver",
+    "register_solver",
     "residuals",
 ]
 
@@ -570,21 +570,49 @@ def broyden(f: Callable[..., torch.Tensor], z0: torch.Tensor, max_iter: int = 50
     return _finish(tracker, z0, max_iter)
 
 
-#: Solvers by name (the ``solver=`` argument of ``DEQFusion``).
-SOLVERS: Dict[str, Solver] = {
-    "anderson": anderson,
-    "broyden": broyden,
-    "fixed_point_iter": fixed_point_iter,
-}
+#: Solvers by name (the ``solver=`` / ``b_solver=`` arguments of ``DEQFusion``); extended by
+#: :func:`register_solver`.
+SOLVERS: Dict[str, Solver] = {}
 
 
-def get_solver(name: str) -> Solver:
-    """The solver registered under ``name``.
+def register_solver(name: str) -> Callable[[Solver], Solver]:
+    """Decorator registering ``fn`` as the solver ``name`` (case-insensitive):
+    ``register_solver("mine")(fn)``. ``fn`` must follow the solver signature of the module
+    docstring. Registering a name again replaces the solver.
+
+    Raises:
+        ValueError: ``name`` is not a non-empty string.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"register_solver: name must be a non-empty string, got {name!r}")
+    key = name.strip().lower()
+
+    def decorate(fn: Solver) -> Solver:
+        if not callable(fn):
+            raise TypeError(f"register_solver({name!r}): expected a callable solver, got {type(fn).__name__}")
+        SOLVERS[key] = fn
+        return fn
+
+    return decorate
+
+
+register_solver("anderson")(anderson)
+register_solver("broyden")(broyden)
+register_solver("fixed_point_iter")(fixed_point_iter)
+
+
+def get_solver(name_or_callable: Union[str, Solver]) -> Solver:
+    """The solver registered under a name (case-insensitive), or a callable as given.
 
     Raises:
         ValueError: unknown name; the message lists the known ones.
+        TypeError: neither a string nor a callable.
     """
-    key = str(name).lower()
+    if callable(name_or_callable):
+        return name_or_callable
+    if not isinstance(name_or_callable, str):
+        raise TypeError(f"DEQ solver must be a name or a callable, got {type(name_or_callable).__name__}")
+    key = name_or_callable.strip().lower()
     if key not in SOLVERS:
-        raise ValueError(f"unknown DEQ solver {name!r}; known solvers: {', '.join(sorted(SOLVERS))}")
+        raise ValueError(f"unknown DEQ solver {name_or_callable!r}; known solvers: {', '.join(sorted(SOLVERS))}")
     return SOLVERS[key]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from multizoo_ext.benchmark import LOGREG, SINGLE_MODALITY, BenchmarkConfig, run_benchmark
+from multizoo_ext.runner import LOGREG, SINGLE_MODALITY, BenchmarkConfig, run_benchmark
 from multizoo_ext.fusions.common_fusions import LowRankTensorFusion
 from multizoo_ext.fusions.deq import DEQFusion
 from multizoo_ext.fusions.refnet import ReFNet
@@ -145,7 +145,7 @@ def test_runner_python_api_on_heldout_npz(heldout, tmp_path):
     cfg = BenchmarkConfig(
         datasets=["npz"], data_kwargs={"npz": {"path": str(heldout), "normalize": "standard"}},
         fusions=["concat", "deq", "refnet"], seeds=[0], epochs=4, batch_size=32, lr=1e-2, hidden=32, embed_dim=16,
-        fusion_kwargs={"refnet": {"inner": "lowrank"}},    # DEQ: the runner's defaults
+        fusion_kwargs={"refnet": {"inner": "lowrank"}},    # DEQ: its registered recipe
         logreg_cs=(0.05, 1.0), num_threads=1, output=str(tmp_path / "bench"), plots=False)
     runs = run_benchmark(cfg)
     by_method = {r["method"]: r for r in runs}
@@ -157,10 +157,10 @@ def test_runner_python_api_on_heldout_npz(heldout, tmp_path):
         for key in ("accuracy", "f1_macro", "auroc"):
             assert isinstance(r["test"][key], float) and math.isfinite(r["test"][key]), (method, key, r["test"])
         assert r["parameters"] > 0
-    # the per-fusion settings reached the runs (DEQ's from the runner's defaults: Jacobian
+    # the per-fusion settings reached the runs (DEQ's from its registered recipe: Jacobian
     # penalty, deq objective, fusion at 0.1 x lr)
     assert by_method["deq"]["config"]["objective"] == "deq"
-    assert by_method["deq"]["config"]["fusion_kwargs"] == {"jac_reg": True}
+    assert by_method["deq"]["config"]["fusion_kwargs"] == {}  # jac_reg=True is DEQFusion's own default
     assert by_method["deq"]["config"]["fusion_lr_mult"] == 0.1
     assert by_method["refnet"]["config"]["fusion_kwargs"] == {"inner": "lowrank"}
     assert by_method["concat"]["epochs_run"] == 4

@@ -1,10 +1,11 @@
 """Gradient modes for deep equilibrium layers, resolved once into a callable (torchdeq style).
 
-A mode is built once, when the layer is built (:func:`build_backward`), and is then called
-every forward as ``mode.run(f, z0, solve, needs_grad, want_jac, trace)``; ``forward`` never
-branches on the mode's name. ``f`` maps a flat state ``(B, n)`` to ``(B, n)`` row-wise and
-closes over the parameters; ``solve(f, z0) -> (z*, info)`` is the forward solver with its
-settings bound (see :mod:`multizoo_ext.fusions.deq_solvers`).
+A mode is built once, when the layer is built (:func:`build_backward`). Every forward, the
+layer first solves ``z* = f(z*)`` without a graph (modes with ``solves_forward``; the unrolled
+mode instead iterates with one, ``mode.unroll(f, z0, needs_grad, trace)``), then hands the
+result to ``mode.attach(f, z, info, needs_grad, want_jac)``, which gives ``z`` the mode's
+gradient; ``forward`` never branches on the mode's name. ``f`` maps a flat state ``(B, n)`` to
+``(B, n)`` row-wise and closes over the parameters. Nothing here calls back into the layer.
 
 Modes:
 
@@ -16,10 +17,9 @@ Modes:
   grow with the number of forward iterations. With ``staged=True`` and a staged
   (block-triangular) ``f``, the adjoint system is solved one stage at a time, last stage
   first, each on the vector-Jacobian products of its own stage map
-  (:mod:`multizoo_ext.fusions.deq_staged`). Each forward builds its own
+  (:mod:`multizoo_ext.fusions.deq.staged`). Each forward builds its own
   ``torch.autograd.Function`` node, so several forwards before one backward (or a backward
-  with ``retain_graph=True`` run twice) are safe; the reference instead keeps one hook
-  handle on the module, which a second forward overwrites.
+  with ``retain_graph=True`` run twice) are safe.
 - ``"phantom"`` (:class:`PhantomBackward`): after the graph-free solve, ``k`` damped steps
   ``z <- (1 - tau) z + tau f(z)`` from ``z*`` with a graph; plain backprop through them (a
   truncated Neumann series of the implicit gradient; cheap, approximate).
@@ -27,7 +27,7 @@ Modes:
   iterations ``z <- f(z)`` from ``z0`` with a graph and plain backprop (memory grows with
   ``k``).
 
-``run`` returns ``(z, info, jac_pair)``: ``z`` (B, n) carries the graph when ``needs_grad``;
+``attach`` returns ``(z, jac_pair)``: ``z`` (B, n) carries the graph when ``needs_grad``;
 ``jac_pair = (f(z_in), z_in)`` when ``want_jac`` (for :func:`jacobian_penalty`), else None.
 """
 from __future__ import annotations
@@ -38,8 +38,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from multizoo_ext.fusions.deq_solvers import get_solver, residuals
-from multizoo_ext.fusions.deq_staged import is_staged, merge_stage_infos, stage_tolerance
+from multizoo_ext.fusions.deq.solvers import get_solver, residuals
+from multizoo_ext.fusions.deq.staged import is_staged, merge_stage_infos, stage_tolerance
 
 __all__ = [
     "BACKWARD_MODES",
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 Func = Callable[[torch.Tensor], torch.Tensor]
-Solve = Callable[[Func, torch.Tensor], Tuple[torch.Tensor, Dict[str, Any]]]
+Solve = Callable[..., Tuple[torch.Tensor, Dict[str, Any]]]
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 JacPair = Optional[Tuple[torch.Tensor, Inputs]]
 
@@ -67,9 +67,7 @@ DEFAULT_PHANTOM_TAU = 1.0
 DEFAULT_JAC_VECTORS = 2
 #: With compaction, the backward solve drops converged samples once at least this fraction
 #: of its working rows is done: each drop recomputes f on the remaining rows (about one
-#: vector-Jacobian product's cost), which later products then save. 0.5 rebuilds about half
-#: as often as 0.25 (measured, width 512, batch 128, 1 thread, median of 4 interleaved steps on
-#: a busy machine: 1.83 s per training step vs 1.99 s at 0.25, 1.94 s at 0.75, 2.14 s without).
+#: vector-Jacobian product's cost), which later products then save.
 BACKWARD_COMPACT_FRACTION = 0.5
 
 
@@ -133,7 +131,7 @@ def _solve_adjoint(f: Callable[..., torch.Tensor], out: torch.Tensor, inp: torch
 
 class StagedGraph:
     """``f`` at ``z`` with a graph, built stage by stage for a staged (lower block-triangular)
-    map (see :mod:`multizoo_ext.fusions.deq_staged`): one leaf per column block of ``z``
+    map (see :mod:`multizoo_ext.fusions.deq.staged`): one leaf per column block of ``z``
     (``inputs``), each stage's map (``maps``) and output (``outs``), later stages built from the
     earlier stages' graphed outputs. ``output`` (``torch.cat(outs)``) is ``f(z)`` with the
     graph the parameters train through, and the same graph gives each stage's own
@@ -217,15 +215,16 @@ class ImplicitBackward:
     """Implicit differentiation at the fixed point (see module docstring).
 
     Args:
-        solver: name of the backward solver (``'anderson'``, ``'broyden'``,
-            ``'fixed_point_iter'``).
+        solver: the backward solver, a registered name (``'anderson'``, ``'broyden'``,
+            ``'fixed_point_iter'``, see :func:`~multizoo_ext.fusions.deq.solvers.register_solver`)
+            or a callable with the solver signature.
         max_iter: cap on vector-Jacobian products per backward (per stage when staged).
         tol: per-sample tolerance of the backward fixed point.
         stop_mode: ``'rel'`` or ``'abs'``.
         solver_options: extra solver keyword arguments (``m``, ``lam``, ``beta``, ...).
         compact: let the backward solver drop converged samples; ``f`` must then accept
             ``f(z_sub, index)`` (as a DEQ layer's map does). Default: False.
-        staged: when ``f`` is staged (block-triangular, :mod:`multizoo_ext.fusions.deq_staged`),
+        staged: when ``f`` is staged (block-triangular, :mod:`multizoo_ext.fusions.deq.staged`),
             solve the adjoint system stage by stage, last stage first. Default: False.
         implicit_max_residual: samples whose forward residual (``stop_mode``'s) is above this
             get the Jacobian-free gradient ``y = g`` (the gradient of one application of ``f``
@@ -235,7 +234,7 @@ class ImplicitBackward:
 
     solves_forward = True
 
-    def __init__(self, solver: str, max_iter: int, tol: float, stop_mode: str,
+    def __init__(self, solver: Union[str, Solve], max_iter: int, tol: float, stop_mode: str,
                  solver_options: Optional[Mapping[str, Any]] = None, compact: bool = False,
                  staged: bool = False, implicit_max_residual: Optional[float] = None) -> None:
         opts = {k: v for k, v in dict(solver_options or {}).items() if k not in ("compact", "trace")}
@@ -247,12 +246,11 @@ class ImplicitBackward:
         self.backward_solve: Solve = functools.partial(
             get_solver(solver), max_iter=int(max_iter), tol=float(tol), stop_mode=stop_mode, **opts)
 
-    def run(self, f: Func, z0: torch.Tensor, solve: Solve, needs_grad: bool, want_jac: bool,
-            trace: bool = False) -> Tuple[torch.Tensor, Dict[str, Any], JacPair]:
-        with torch.no_grad():
-            z_star, info = solve(f, z0)
+    def attach(self, f: Func, z_star: torch.Tensor, info: Dict[str, Any], needs_grad: bool,
+               want_jac: bool) -> Tuple[torch.Tensor, JacPair]:
+        """``z*`` (B, n) -> ``f(z*)`` whose backward pass solves the adjoint system."""
         if not needs_grad:
-            return z_star, info, None
+            return z_star, None
         if self.staged and is_staged(f):
             # one graph of f at z*, stage by stage: for the parameters and for the adjoint solve
             graph: Optional[StagedGraph] = StagedGraph(f, z_star)
@@ -262,7 +260,7 @@ class ImplicitBackward:
             z_in = leaves = z_star.detach().requires_grad_()
             fz = f(z_in)                                              # (B, n), one step with a graph
         out = _ImplicitFn.apply(fz, z_in, f, self, info, graph)
-        return out, info, ((fz, leaves) if want_jac else None)
+        return out, ((fz, leaves) if want_jac else None)
 
 
 class PhantomBackward:
@@ -282,12 +280,11 @@ class PhantomBackward:
             raise ValueError(f"phantom gradient damping tau must be in (0, 1], got {tau}")
         self.steps, self.tau = int(steps), float(tau)
 
-    def run(self, f: Func, z0: torch.Tensor, solve: Solve, needs_grad: bool, want_jac: bool,
-            trace: bool = False) -> Tuple[torch.Tensor, Dict[str, Any], JacPair]:
-        with torch.no_grad():
-            z_star, info = solve(f, z0)
+    def attach(self, f: Func, z_star: torch.Tensor, info: Dict[str, Any], needs_grad: bool,
+               want_jac: bool) -> Tuple[torch.Tensor, JacPair]:
+        """``z*`` (B, n) -> the last of ``steps`` damped steps from it, with a graph."""
         if not needs_grad:
-            return z_star, info, None
+            return z_star, None
         z = z_star.detach().requires_grad_(want_jac)
         jac: JacPair = None
         for k in range(self.steps):
@@ -295,7 +292,7 @@ class PhantomBackward:
             if k == 0 and want_jac:
                 jac = (fz, z)
             z = fz if self.tau == 1.0 else torch.lerp(z, fz, self.tau)
-        return z, info, jac
+        return z, jac
 
 
 class UnrolledBackward:
@@ -313,8 +310,10 @@ class UnrolledBackward:
             raise ValueError(f"unrolled mode needs steps >= 1, got {steps}")
         self.steps, self.tol, self.stop_mode = int(steps), float(tol), stop_mode
 
-    def run(self, f: Func, z0: torch.Tensor, solve: Solve, needs_grad: bool, want_jac: bool,
-            trace: bool = False) -> Tuple[torch.Tensor, Dict[str, Any], JacPair]:
+    def unroll(self, f: Func, z0: torch.Tensor, needs_grad: bool, trace: bool = False
+               ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """``steps`` iterations from ``z0`` (B, n), with a graph when ``needs_grad``; the info
+        has the solvers' keys."""
         trace_abs, trace_rel = [], []
         z = z0
         abs_res = rel_res = None
@@ -343,22 +342,28 @@ class UnrolledBackward:
         }
         if trace:
             info["trace_abs"], info["trace_rel"] = trace_abs, trace_rel
-        jac: JacPair = None
+        return z, info
+
+    def attach(self, f: Func, z: torch.Tensor, info: Dict[str, Any], needs_grad: bool,
+               want_jac: bool) -> Tuple[torch.Tensor, JacPair]:
+        """The unrolled ``z`` (B, n) as it is (its graph is the gradient), with the Jacobian
+        pair at it when ``want_jac``."""
         if needs_grad and want_jac:
             z_in = z.detach().requires_grad_()
-            jac = (f(z_in), z_in)
-        return z, info, jac
+            return z, (f(z_in), z_in)
+        return z, None
 
 
 BACKWARD_MODES = ("implicit", "phantom", "unrolled")
 
 
-def build_backward(mode: str, *, b_solver: str, b_max_iter: int, b_tol: float, stop_mode: str,
+def build_backward(mode: str, *, b_solver: Union[str, Solve], b_max_iter: int, b_tol: float, stop_mode: str,
                    solver_options: Optional[Mapping[str, Any]] = None,
                    phantom_steps: int = DEFAULT_PHANTOM_STEPS, phantom_tau: float = DEFAULT_PHANTOM_TAU,
                    unroll_steps: int = 1, f_tol: float = 0.0, compact: bool = False,
                    staged: bool = False, implicit_max_residual: Optional[float] = None) -> Any:
-    """Resolve a gradient mode by name into an object with ``run(...)``.
+    """Resolve a gradient mode by name into an object with ``attach(...)`` (see the module
+    docstring).
 
     Args:
         mode: ``'implicit'``, ``'phantom'`` or ``'unrolled'``.

@@ -1,4 +1,4 @@
-"""Tests of the benchmark runner (multizoo_ext/benchmark.py) and its CLI subcommand.
+"""Tests of the benchmark runner (multizoo_ext/runner/) and its CLI subcommand.
 
 A tiny in-memory dataset is registered for the duration of this module so the runner's
 logic is tested independently of the real loaders; one smoke test uses the bundled digits.
@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from multizoo_ext import benchmark as bm
-from multizoo_ext.benchmark import LOGREG, RUN_KEYS, SINGLE_MODALITY, BenchmarkConfig, run_benchmark
+from multizoo_ext.runner import LOGREG, RUN_KEYS, SINGLE_MODALITY, BenchmarkConfig, run_benchmark
+from multizoo_ext.runner import options, report
+from multizoo_ext.runner import run as bm
 from multizoo_ext.cli import main
 from multizoo_ext.registry import DATASETS, OBJECTIVES, list_datasets
 
@@ -109,8 +110,10 @@ def test_json_has_one_entry_per_dataset_method_seed_with_documented_keys(grid):
     expected = {(TINY, m, s) for m in ["concat", "lowrank", SINGLE_MODALITY, LOGREG] for s in [0, 1]}
     assert len(keys) == len(set(keys)) == 8 and set(keys) == expected
     assert len(runs) == 8 and runs.computed == 8 and runs.reused == 0
-    for r in stored:
+    for r in runs:
         assert set(RUN_KEYS) <= set(r), set(RUN_KEYS) - set(r)
+    for r in stored:
+        assert set(RUN_KEYS) - {"variant"} <= set(r), set(RUN_KEYS) - set(r)
         assert r["status"] == "ok" and r["task"] == "classification" and len(r["config_hash"]) == 16
         assert 0 <= r["test"]["accuracy"] <= 1 and r["test"]["n"] == 30
         assert r["parameters"] > 0 and r["total_seconds"] > 0
@@ -178,7 +181,7 @@ def test_second_run_recomputes_nothing(grid, tmp_path, monkeypatch):
     again = run_benchmark(_cfg(copy))
     assert train_calls.calls == 0 and logreg_calls.calls == 0
     assert again.computed == 0 and again.reused == 8
-    assert list(again) == _load_runs(out)
+    assert [{k: v for k, v in r.items() if k != "variant"} for r in again] == _load_runs(out)
     assert again.markdown == first.markdown
 
 
@@ -191,7 +194,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
         run_benchmark(cfg)
     half = _load_runs(tmp_path)
     assert [(r["method"], r["seed"]) for r in half] == [("concat", 0), ("lowrank", 0)]
-    assert not list(tmp_path.glob(".results.json.*"))  # no temporary file left behind
+    assert not list(tmp_path.glob("**/.*.tmp"))  # no temporary file left behind
 
     resumed_calls = _Counter(real_train)
     monkeypatch.setattr(bm, "train", resumed_calls)
@@ -203,9 +206,8 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     assert full[:2] == half  # finished entries kept untouched
 
     # a hand-trimmed (half-finished) JSON resumes too, and widening the grid runs only what is new
-    doc = json.loads((tmp_path / "results.json").read_text())
-    doc["runs"] = [r for r in doc["runs"] if r["method"] != "lowrank"]
-    (tmp_path / "results.json").write_text(json.dumps(doc))
+    for path in (tmp_path / "runs").glob("*-lowrank-*.json"):  # a run file removed by hand
+        path.unlink()
     calls = _Counter(real_train)
     monkeypatch.setattr(bm, "train", calls)
     runs = run_benchmark(_cfg(tmp_path, baselines=False, epochs=1, seeds=[0, 1, 2]))
@@ -219,12 +221,15 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     assert calls.calls == 1 and runs.computed == 1
     assert len(_load_runs(tmp_path)) == 7 and len(runs) == 1
 
-    # resume=False starts a fresh file
+    # resume=False moves the old results aside (nothing deleted) and starts afresh
     runs = run_benchmark(_cfg(tmp_path, baselines=False, epochs=1, seeds=[0], fusions=["concat"], resume=False))
     assert runs.computed == 1 and len(_load_runs(tmp_path)) == 1
+    assert runs.moved_to is not None and runs.moved_to.parent == tmp_path
+    assert len(list((runs.moved_to / "runs").glob("*.json"))) == 7
+    assert len(json.loads((runs.moved_to / "results.json").read_text())["runs"]) == 7
 
 
-def test_unreadable_json_is_not_overwritten(tmp_path):
+def test_unreadable_single_file_json_is_not_overwritten(tmp_path):
     (tmp_path / "results.json").write_text('{"runs": [')
     with pytest.raises(ValueError, match="not valid JSON"):
         run_benchmark(_cfg(tmp_path))
@@ -261,14 +266,15 @@ def test_per_fusion_objective_hook(tmp_path):
     OBJECTIVES.register("bench_counting")(factory)
     try:
         runs = run_benchmark(_cfg(tmp_path, fusions=["concat", "lowrank"], seeds=[0], epochs=1, baselines=False,
-                                  fusion_objectives={"concat": "bench_counting"},
+                                  objectives={"concat": "bench_counting"},
                                   objective_kwargs={"concat": {"scale": 2.0}}))
     finally:
         OBJECTIVES._entries.pop("bench_counting", None)
     assert seen["factory"] == [("classification", 2.0)] and seen["calls"] > 0
     concat = next(r for r in runs if r["method"] == "concat")
     lowrank = next(r for r in runs if r["method"] == "lowrank")
-    assert concat["config"]["objective"] == "bench_counting" and lowrank["config"]["objective"] is None
+    assert concat["config"]["objective"] == "bench_counting" and lowrank["config"]["objective"] == "default"
+    assert concat["config"]["objective_kwargs"] == {"scale": 2.0}
 
 
 def test_fail_fast_off_records_failures(tmp_path, monkeypatch):
@@ -302,7 +308,12 @@ def test_fail_fast_off_records_failures(tmp_path, monkeypatch):
     ({"epochs": 0}, r"epochs must be an integer >= 1"),
     ({"fusions": ["logreg"]}, r"name of a baseline row"),
     ({"fusion_kwargs": {"nope": {}}}, r"unknown fusion 'nope'"),
-    ({"fusion_objectives": {"concat": "nope"}}, r"unknown objective 'nope'; known objectives: .*refnet"),
+    ({"objectives": {"concat": "nope"}}, r"unknown objective 'nope'; known objectives: .*refnet"),
+    ({"fusion_lr_mult": {"deq": 0}}, r"fusion_lr_mult values must be finite numbers > 0"),
+    ({"sweep": {"nope": [1]}}, r"sweep axis 'nope' is not a setting that can be swept; valid: epochs"),
+    ({"sweep": {"lr": [1e-3, -1.0]}}, r"lr must be > 0"),
+    ({"references": [{"dataset": TINY, "method": "x"}]}, r"lacks source"),
+    ({"jobs": 0}, r"jobs must be an integer >= 1"),
     ({"logreg_cs": []}, r"logreg_cs must be a non-empty list"),
     ({"num_threads": 0}, r"num_threads must be None or an integer >= 1"),
 ])
@@ -315,7 +326,7 @@ def test_bad_config_errors(tmp_path, kwargs, match):
 def test_quick_config_keeps_explicit_overrides():
     cfg = BenchmarkConfig.quick_config(epochs=1, output="o")
     assert cfg.quick and cfg.epochs == 1 and cfg.output == "o"
-    assert cfg.datasets == ["digits"] and cfg.seeds == [0, 1] and len(cfg.fusions) == 2
+    assert cfg.datasets == ["digits"] and cfg.seeds == [0, 1] and cfg.fusions == ["concat", "refnet", "deq"]
     assert cfg.logreg_cs == (0.05,) and cfg.num_threads == 1
 
 
@@ -346,29 +357,43 @@ def test_cli_options_become_config():
         "lowrank:flatten=true", "--data-arg", "rosmap:path=C:/data/ROSMAP", "--objective", "concat=refnet",
         "--objective", "refnet=default", "--objective-arg", "concat:ms_weight=0.1", "--fusion-lr-mult", "lowrank=0.1",
         "--robustness", "--fresh", "--keep-going", "--no-baselines"])
-    cfg = bm.config_from_args(args)
+    cfg = options.config_from_args(args)
     assert cfg.quick and cfg.epochs == 3 and cfg.datasets == ["digits"] and cfg.seeds == [0, 1]
     assert cfg.fusion_kwargs == {"lowrank": {"rank": 2, "flatten": True}}
     assert cfg.data_kwargs == {"rosmap": {"path": "C:/data/ROSMAP"}}
-    assert cfg.fusion_objectives == {"concat": "refnet", "deq": "deq"}
+    assert cfg.objectives == {"concat": "refnet", "refnet": "default"}
     assert cfg.objective_kwargs == {"concat": {"ms_weight": 0.1}}
     assert cfg.fusion_lr_mult == {"lowrank": 0.1}
     assert cfg.robustness and not cfg.resume and not cfg.fail_fast and not cfg.baselines
-    plain = bm.config_from_args(build_parser().parse_args(["benchmark"]))
+    assert build_parser().parse_args(["benchmark", "-v", "--quick"]).verbose  # -v after the subcommand too
+    plain = options.config_from_args(build_parser().parse_args(["benchmark"]))
     assert plain == BenchmarkConfig(progress=None)  # options left out keep the dataclass defaults
 
 
-def test_fusion_defaults_sit_under_user_settings():
-    cfg = BenchmarkConfig(fusions=["deq", "lowrank"], fusion_kwargs={"lowrank": {"rank": 2}}).validated()
-    assert cfg.fusion_kwargs["deq"] == {"jac_reg": True} and cfg.fusion_kwargs["lowrank"] == {"rank": 2}
-    assert cfg.fusion_lr_mult == {"deq": 0.1} and cfg.fusion_objectives["deq"] == "deq"
-    mine = BenchmarkConfig(fusions=["deq"], fusion_kwargs={"deq": {"jac_reg": False, "f_tol": 1e-2}},
-                           fusion_lr_mult={"deq": 1.0}).validated()
-    assert mine.fusion_kwargs["deq"] == {"jac_reg": False, "f_tol": 1e-2} and mine.fusion_lr_mult["deq"] == 1.0
-    # the defaults are part of DEQ's resume key only: other fusions' hashes do not move
-    assert cfg.run_hash("digits", "lowrank") == BenchmarkConfig(
-        fusions=["lowrank"], fusion_kwargs={"lowrank": {"rank": 2}}).validated().run_hash("digits", "lowrank")
-    assert cfg.run_hash("digits", "deq") != mine.run_hash("digits", "deq")
+def test_method_recipe_comes_from_the_builder_and_overrides_sit_on_top(tmp_path):
+    """The runner keeps only overrides; a run's config holds the effective method settings of
+    build_method (the deq recipe: deq objective, fusion at 0.1 x lr), and its hash covers them."""
+    from multizoo_ext.builder import build_method
+    from multizoo_ext.runner.run import _spec
+
+    cfg = BenchmarkConfig(datasets=[TINY], fusions=["deq", "lowrank"], fusion_kwargs={"lowrank": {"rank": 2}}).validated()
+    assert cfg.method_overrides("deq") == {"fusion_kwargs": {}, "objective": None, "objective_kwargs": {},
+                                           "fusion_lr_mult": None}
+    runs = run_benchmark(_cfg(tmp_path, fusions=["deq", "lowrank"], seeds=[0], epochs=1, baselines=False,
+                              fusion_kwargs={"lowrank": {"rank": 2}}))
+    deq, lowrank = runs
+    recipe = build_method(_spec(cfg, TINY, 0), "deq", encoder="mlp", hidden=16, embed_dim=8).settings
+    assert {k: deq["config"][k] for k in recipe} == recipe
+    assert deq["config"]["objective"] == "deq" and deq["config"]["fusion_lr_mult"] == 0.1
+    assert lowrank["config"]["fusion_kwargs"] == {"rank": 2} and lowrank["config"]["fusion_lr_mult"] == 1.0
+    # an override equal to the recipe is the same run (the hash covers effective settings)
+    same = run_benchmark(_cfg(tmp_path, fusions=["deq"], seeds=[0], epochs=1, baselines=False,
+                              fusion_lr_mult={"deq": 0.1}, objectives={"deq": "deq"}))
+    assert same.reused == 1 and same[0]["config_hash"] == deq["config_hash"]
+    mine = run_benchmark(_cfg(tmp_path, fusions=["deq"], seeds=[0], epochs=1, baselines=False,
+                              fusion_lr_mult={"deq": 1.0}, objectives={"deq": "default"}))
+    assert mine.computed == 1 and mine[0]["config_hash"] != deq["config_hash"]
+    assert mine[0]["config"]["objective"] == "default" and mine[0]["config"]["fusion_lr_mult"] == 1.0
 
 
 def test_cli_benchmark_errors(tmp_path, capsys):
@@ -382,6 +407,12 @@ def test_cli_benchmark_errors(tmp_path, capsys):
     assert rc == 2 and "seeds must be non-negative" in capsys.readouterr().err
 
 
+def test_bench_subcommand_is_gone(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "ms"])
+    assert exc.value.code == 2 and "invalid choice: 'bench'" in capsys.readouterr().err
+
+
 def test_cli_help_lists_registry_choices(capsys):
     with pytest.raises(SystemExit):
         main(["benchmark", "--help"])
@@ -390,13 +421,14 @@ def test_cli_help_lists_registry_choices(capsys):
                 "--output", "--fusion-arg", "--objective"):
         assert opt in text
     assert "lowrank" in text and TINY in text
+    assert "shared" not in text  # the data path is always the user's
 
 
 # ----------------------------------------------------------------------------- plots, robustness, digits
 def test_plots_written_next_to_json(grid, tmp_path):
     pytest.importorskip("matplotlib")
     _, runs = grid
-    paths = bm.make_plots(runs.summary, tmp_path)
+    paths = report.make_plots(runs.summary, tmp_path)
     assert paths == [tmp_path / f"{TINY}_metrics.png"] and paths[0].stat().st_size > 1000
 
 

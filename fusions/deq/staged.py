@@ -12,25 +12,25 @@ modalities only through their updated states (Gauss-Seidel order). So the joint 
 ``sqrt(r_m^2 + r_f^2)`` of the two stages' residuals (stage 2 uses ``f_m(z_m*)``, which is
 what ``f`` computes at ``z*``). What changes is the cost: each stage has its own solver (own
 Anderson mixing coefficients, own per-sample stopping), so the modality blocks stop when
-*they* converge (about 21 evaluations at width 512, random init) instead of iterating for as
-long as the fused block needs (about 42), and an evaluation of a stage costs only its part of
-``f`` (the fused stage two ``(d, d)`` products of the six in ``f`` with two modalities).
+*they* converge instead of iterating for as long as the fused block needs, and an evaluation
+of a stage costs only its part of ``f`` (the fused stage two ``(d, d)`` products of the six in
+``f`` with two modalities).
 
 Implicit differentiation solves the adjoint system ``y = y J + g``, whose Jacobian is
 block-triangular the other way round, so it is solved last stage first (see
-:mod:`multizoo_ext.fusions.deq_backward`):
+:mod:`multizoo_ext.fusions.deq.backward`):
 ``y_f = y_f df_f/dz_f + g_f``, then ``y_m = y_m df_m/dz_m + (g_m + y_f dF_f/dz_m)``.
 
 Tolerances: with ``stop_mode='rel'`` every stage stops at ``tol``, which bounds the joint
 relative residual by ``tol`` (``sum r_k^2 <= tol^2 sum ||f_k||^2``); with ``'abs'`` at
-``tol / sqrt(K)``. ``info`` is the solvers' (see :mod:`multizoo_ext.fusions.deq_solvers`)
+``tol / sqrt(K)``. ``info`` is the solvers' (see :mod:`multizoo_ext.fusions.deq.solvers`)
 for the joint state: ``abs_residual`` / ``rel_residual`` / ``f_norm`` of the joint residual,
 ``converged`` = joint residual within ``tol``, ``nan`` / ``diverged`` = in any stage,
 ``steps`` / ``iterations`` / ``max_iter`` = sums over the stages (an evaluation of a stage
 costs a part of ``f``), and ``stages``: the list of the stages' own infos (with their
 traces when asked for).
 
-Protocol of a staged map ``f`` (:class:`~multizoo_ext.fusions.deq._FusionMap` has it):
+Protocol of a staged map ``f`` (:class:`~multizoo_ext.fusions.deq.fusion._FusionMap` has it):
 ``f.stage_sizes``, the widths of the K stages (summing to the state width), and
 ``f.stage(k, states, outputs=None)``, the map of stage ``k`` ``(b, n_k) -> (b, n_k)``
 (accepting a row ``index`` like ``f``) given the earlier stages' full-batch ``states`` and,
@@ -98,7 +98,7 @@ def solve_staged(f: Any, z0: torch.Tensor, solve: Callable[..., Tuple[torch.Tens
         f: staged map ``(B, n) -> (B, n)``.
         z0: ``(B, n)`` initial state.
         solve: ``solve(f_k, z0_k, tol=...) -> (z_k, info_k)``, a solver of
-            :mod:`multizoo_ext.fusions.deq_solvers` with its other settings bound.
+            :mod:`multizoo_ext.fusions.deq.solvers` with its other settings bound.
         tol, stop_mode: joint tolerance and its mode.
 
     Returns:

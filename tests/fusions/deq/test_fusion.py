@@ -1,15 +1,19 @@
 """DEQFusion: the equilibrium, its gradients (implicit vs unrolled vs finite differences),
 per-sample independence, several modalities, backward modes, Jacobian penalty, errors."""
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 from torch.func import functional_call
 
 from multizoo_ext import create_fusion
-from multizoo_ext.fusions.deq import DEQ_DEFAULTS, DEQFusion, find_deq
-from multizoo_ext.fusions.deq_solvers import anderson, residuals
+from multizoo_ext.fusions.deq import DEQ_DEFAULTS, DEQFusion, anderson, find_deq, residuals
 
+_spec = importlib.util.spec_from_file_location("deq_oracle", Path(__file__).with_name("deq_oracle.py"))
+oracle = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(oracle)
 
 
 def _inputs(dims, B=4, dtype=torch.float32, seed=0, requires_grad=False):
@@ -66,18 +70,52 @@ def test_two_three_and_six_modalities_of_different_widths(dims):
     assert fusion.projections[0].weight.grad is not None and fusion.weights.grad.shape == (len(dims),)
 
 
-def test_fast_map_equals_the_module_by_module_definition():
+def _perturbed(dims, width, num_groups, **kw):
     torch.manual_seed(0)
-    fusion = DEQFusion([5, 7, 3], width=12, num_groups=3).double()
+    fusion = DEQFusion(dims, width=width, num_groups=num_groups, **kw).double()
     with torch.no_grad():
         for p in fusion.parameters():
             p.add_(0.1 * torch.randn_like(p))                         # non-trivial GN affines, w_i, b
-    xs = _inputs([5, 7, 3], B=4, dtype=torch.float64)
+    return fusion
+
+
+@pytest.mark.parametrize("always_project", [False, True])
+def test_fast_map_equals_the_module_by_module_oracle(always_project):
+    fusion = _perturbed([5, 12, 3], 12, 3, always_project=always_project)
+    xs = _inputs([5, 12, 3], B=4, dtype=torch.float64)
     z = torch.randn(4, fusion.state_dim, dtype=torch.float64)
     f = fusion.deq_function(xs)
-    torch.testing.assert_close(f(z), fusion.naive_step(z, xs), rtol=1e-12, atol=1e-12)
+    expected = oracle.naive_step(fusion, z, xs)
+    torch.testing.assert_close(f(z), expected, rtol=1e-12, atol=1e-12)
     index = torch.tensor([2, 0])
-    torch.testing.assert_close(f(z[index], index), fusion.naive_step(z, xs)[index], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f(z[index], index), expected[index], rtol=1e-12, atol=1e-12)
+    # the stage maps are the same function: stage 0 the modality part, stage 1 the fused part
+    # given the updated modality states
+    z_m, z_f = z.split([36, 12], 1)
+    torch.testing.assert_close(f.stage(0, [])(z_m), expected[:, :36], rtol=1e-12, atol=1e-12)
+    stage1 = f.stage(1, [z_m])
+    torch.testing.assert_close(stage1(z_f), expected[:, 36:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stage1(z_f[index], index), expected[index, 36:], rtol=1e-12, atol=1e-12)
+
+
+def test_fast_map_gradients_equal_the_oracle_gradients():
+    fusion = _perturbed([5, 12, 3], 12, 3)
+    xs = _inputs([5, 12, 3], B=4, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(4, fusion.state_dim, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, fusion.state_dim, dtype=torch.float64)
+    wrt = [z, *xs, *fusion.parameters()]
+    fast = torch.autograd.grad((fusion.deq_function(xs)(z) * w).sum(), wrt)
+    slow = torch.autograd.grad((oracle.naive_step(fusion, z, xs) * w).sum(), wrt)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_state_dict_keys_are_those_of_the_module_by_module_layout():
+    keys = list(DEQFusion([5, 8], width=8).state_dict())
+    block = [f"{m}.{t}" for m in ("lin1", "lin2", "gn1", "gn2", "gn3") for t in ("weight", "bias")]
+    assert keys == (["weights", "bias", "projections.0.weight", "projections.0.bias"]
+                    + [f"blocks.{i}.{k}" for i in range(2) for k in block]
+                    + [f"fusion_block.{m}.{t}" for m in ("gate", "fuse", "gn") for t in ("weight", "bias")])
 
 
 @pytest.mark.parametrize("contractive", [True, False])
@@ -133,7 +171,7 @@ def test_implicit_gradients_match_unrolling_to_convergence_float64():
 def test_gradcheck_against_finite_differences():
     torch.manual_seed(0)
     fusion = _contractive(DEQFusion([3, 2], width=8, num_groups=2, f_tol=1e-13, b_tol=1e-13,
-                                    f_max_iter=100, b_max_iter=100, stop_mode="abs").double())
+                                    f_max_iter=100, b_max_iter=100, stop_mode="abs", jac_reg=False).double())
     xa, xb = _inputs([3, 2], B=2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: fusion([a, b]), (xa, xb), eps=1e-6, atol=1e-7, rtol=1e-5)
     # parameters' gradients through the implicit backward, too
@@ -190,7 +228,7 @@ def test_nan_input_raises_at_the_boundary():
 def test_bad_construction_and_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="width 10 is not divisible by num_groups 4"):
         DEQFusion([5, 7], width=10, num_groups=4)
-    with pytest.raises(ValueError, match="at least 2 modalities"):
+    with pytest.raises(ValueError, match="at least 2 widths"):
         DEQFusion([5])
     with pytest.raises(ValueError, match="unknown DEQ solver 'newton'"):
         DEQFusion([5, 7], solver="newton")
@@ -205,7 +243,7 @@ def test_bad_construction_and_inputs_raise_clear_errors():
 
 def test_two_forwards_then_one_backward_equals_separate_backwards():
     torch.manual_seed(0)
-    fusion = DEQFusion([5, 7], width=16, b_tol=1e-6, b_max_iter=100).double()
+    fusion = DEQFusion([5, 7], width=16, b_tol=1e-6, b_max_iter=100, jac_reg=False).double()
     x1, x2 = _inputs([5, 7], dtype=torch.float64, seed=1), _inputs([5, 7], dtype=torch.float64, seed=2)
     (fusion(x1).square().sum() + fusion(x2).sin().sum()).backward()
     together = _grads(fusion)
@@ -316,7 +354,7 @@ def test_deq_fusion_staged_and_joint_agree_in_value_and_gradient(dims):
 def test_one_graphed_evaluation_of_f_per_training_step(monkeypatch, staged_backward):
     """The implicit mode evaluates f at z* with a graph once per step: the parameters, the
     Jacobian penalty and the (staged or joint) adjoint solve all use that one graph."""
-    from multizoo_ext.fusions import deq as deq_module
+    from multizoo_ext.fusions.deq import fusion as deq_module
 
     calls = []
     orig = deq_module._FusionMap.modalities
@@ -386,3 +424,81 @@ def test_cuda_matches_cpu():
     out.square().sum().backward()
     for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_solvers_by_name_or_callable(monkeypatch):
+    from multizoo_ext.fusions.deq import SOLVERS, get_solver, register_solver
+
+    calls = []
+
+    def counting(f, z0, *args, **kwargs):
+        calls.append(z0.shape)
+        return anderson(f, z0, *args, **kwargs)
+
+    monkeypatch.setitem(SOLVERS, "counting_test", None)           # restored after the test
+    assert register_solver("Counting_Test")(counting) is counting
+    assert get_solver("counting_test") is counting and get_solver(counting) is counting
+    xs = _inputs([5, 7])
+    torch.manual_seed(0)
+    by_name = DEQFusion([5, 7], width=8, solver="counting_test")
+    out_name = by_name(xs)
+    n_named = len(calls)
+    torch.manual_seed(0)
+    by_callable = DEQFusion([5, 7], width=8, solver=counting, b_solver="anderson")
+    out_callable = by_callable(xs)
+    assert n_named == 2 and len(calls) == 4                       # one run per stage
+    assert torch.equal(out_name, out_callable) and by_callable.solver_name == "counting"
+    out_callable.sum().backward()                                 # backward solver by name
+    with pytest.raises(ValueError, match="unknown DEQ solver 'newton'; known solvers: anderson, broyden"):
+        DEQFusion([5, 7], solver="newton")
+    with pytest.raises(TypeError, match="name or a callable, got int"):
+        DEQFusion([5, 7], b_solver=3)
+
+
+def test_inputs_unlike_the_parameters_are_refused_clearly():
+    fusion = DEQFusion([5, 7], width=8)
+    with pytest.raises(TypeError, match="expected float32 inputs like the fusion's parameters, got float64, "
+                                        "float64; call fusion.double\\(\\)"):
+        fusion(_inputs([5, 7], dtype=torch.float64))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        fusion([torch.full((2, 5), float("nan")), torch.zeros(2, 7)])
+    with pytest.raises(ValueError, match="modality 1 is on meta but the fusion's parameters are on cpu"):
+        fusion([torch.zeros(2, 5), torch.zeros(2, 7, device="meta")])
+
+
+def test_non_convergence_is_counted_and_logged_at_most_once_per_window(caplog):
+    torch.manual_seed(0)
+    fusion = DEQFusion([5, 7], width=8, f_max_iter=2, f_tol=1e-12, warn_every=3).eval()
+    with caplog.at_level("WARNING", logger="multizoo_ext.fusions.deq.fusion"), torch.no_grad():
+        for _ in range(7):
+            fusion(_inputs([5, 7], B=4))
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 2 and all("0 of 12 samples (0.0%) in the last 3 forward(s)" in m for m in logged)
+    worst = float(fusion.last_info["rel_residual"].max())
+    stats = fusion.convergence_stats()
+    assert stats["forwards"] == 7 and stats["samples"] == 28 and stats["converged"] == 0
+    assert stats["fraction_converged"] == 0.0 and stats["max_residual"] >= worst > 1e-12
+    assert fusion.convergence_stats()["samples"] == 0                # reset
+    easy = _contractive(DEQFusion([5, 7], width=8, warn_every=1, f_tol=1e-3))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="multizoo_ext.fusions.deq.fusion"), torch.no_grad():
+        easy(_inputs([5, 7], B=4))
+    assert caplog.records == [] and easy.convergence_stats(reset=False)["fraction_converged"] == 1.0
+    assert copy.deepcopy(easy).convergence_stats()["forwards"] == 0
+
+
+def test_take_jacobian_penalty_checks_the_batch_and_is_read_once():
+    torch.manual_seed(0)
+    fusion = DEQFusion([5, 7], width=8)
+    out = fusion(_inputs([5, 7], B=4))
+    with pytest.raises(ValueError, match="a batch of 4 samples, but the objective scores 2"):
+        fusion.take_jacobian_penalty(2)
+    jac = fusion.take_jacobian_penalty(4)
+    assert jac is fusion.jac_loss and jac.requires_grad
+    with pytest.raises(ValueError, match="already taken"):
+        fusion.take_jacobian_penalty(4)
+    (out.sum() + jac).backward()
+    with torch.no_grad():
+        fusion(_inputs([5, 7], B=4))
+    with pytest.raises(ValueError, match="computed no Jacobian penalty in its last forward"):
+        fusion.take_jacobian_penalty(4)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from multizoo_ext.fusions.deq_solvers import SOLVERS, anderson, broyden, fixed_point_iter, get_solver, residuals
+from multizoo_ext.fusions.deq import SOLVERS, anderson, broyden, fixed_point_iter, get_solver, residuals
 
 SOLVER_NAMES = sorted(SOLVERS)
 
@@ -200,7 +200,7 @@ def test_anderson_best_iterate_in_place_matches_where(monkeypatch, compact):
     """On the CPU Anderson assembles the best iterates in its own dead iterate (rows that did
     not improve copied back in); the result must be bitwise that of the ``where`` path, also
     with a NaN sample and non-monotone residuals, and the caller's z0 must stay untouched."""
-    from multizoo_ext.fusions import deq_solvers
+    from multizoo_ext.fusions.deq import solvers as deq_solvers
 
     f, f_idx, _, _ = _problem(B=5, n=10, contraction=1.3)              # not a contraction: residuals jump
     state = {"calls": 0}

@@ -1,7 +1,7 @@
-"""``multizoo-ext bench {ms,deq,refnet} ...``: the measurement scripts behind the CLI.
-
-The scripts' code lives in ``multizoo_ext/bench/``; ``benchmarks/bench_*.py`` are thin wrappers.
-These tests run the CLI in-process (one subprocess checks the optional imports), on tiny sizes.
+"""The measurement scripts of ``benchmarks/`` (not installed), run from the repository root
+as ``python benchmarks/bench_NAME.py ...``. They are imported by path here and their ``main``
+called in-process on tiny sizes (one subprocess checks the optional imports and the script
+entry point). Skipped when ``benchmarks/`` is absent (an installed package without the checkout).
 """
 from __future__ import annotations
 
@@ -11,21 +11,39 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
-import multizoo_ext.bench as bench
-from multizoo_ext.cli import main
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks"
+SCRIPTS = {"ms": "bench_multisimilarity", "deq": "bench_deq", "refnet": "bench_refnet"}
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not BENCH.is_dir(), reason="benchmarks/ is not in this checkout")
+_LOADED: dict = {}
+
+
+def load(name: str) -> ModuleType:
+    """The script ``benchmarks/bench_<...>.py`` of ``name`` imported by path (once)."""
+    if name not in _LOADED:
+        spec = importlib.util.spec_from_file_location(SCRIPTS[name], BENCH / f"{SCRIPTS[name]}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[SCRIPTS[name]] = module
+        spec.loader.exec_module(module)            # no __main__: nothing runs
+        _LOADED[name] = module
+    return _LOADED[name]
+
+
+def run(name: str, argv):
+    return load(name).main(list(argv), prog=f"bench_{name}")
 
 
 def test_bench_ms_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "sub" / "ms.json"
     threads = torch.get_num_threads()
-    rc = main(["bench", "ms", "--batches", "32", "--budget", "0", "--dim", "16",
-               "--settings", "single10,multilabel23", "--json", str(out)])
+    rc = run("ms", ["--batches", "32", "--budget", "0", "--dim", "16",
+                    "--settings", "single10,multilabel23", "--json", str(out)])
     assert rc == 0
     assert torch.get_num_threads() == threads
     stdout = capsys.readouterr().out
@@ -48,48 +66,12 @@ def test_bench_ms_runs_and_writes_json(tmp_path, capsys):
         assert single["pml_ms"] is None
 
 
-def test_bench_passes_arguments_through_unchanged(monkeypatch):
-    seen = {}
-
-    def fake_main(argv, prog=None):
-        seen.update(argv=argv, prog=prog)
-        return {"results": 1}                 # deq / refnet return their results dict
-
-    monkeypatch.setattr(bench.load("refnet"), "main", fake_main)
-    args = ["--quick", "--parts", "reference", "-v", "--json", "x.json", "tail"]
-    assert main(["bench", "refnet", *args]) == 0
-    assert seen == {"argv": args, "prog": "multizoo-ext bench refnet"}
-    assert main(["bench", "refnet"]) == 0 and seen["argv"] == []
-
-
 def test_bench_ms_exit_status_and_script_errors(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["bench", "ms", "--settings", "nope"])
+        run("ms", ["--settings", "nope"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "usage: multizoo-ext bench ms" in err and "unknown settings ['nope']" in err
-
-
-def test_bench_unknown_script_lists_choices(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", "xyz", "--quick"])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "invalid choice: 'xyz'" in err
-    assert "'ms'" in err and "'deq'" in err and "'refnet'" in err
-
-
-def test_bench_help_lists_scripts(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", "--help"])
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
-    assert "usage: multizoo-ext bench" in out
-    for name in bench.SCRIPTS:
-        assert f"  {name} " in out
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    assert "bench" in capsys.readouterr().out
+    assert "usage: bench_ms" in err and "unknown settings ['nope']" in err
 
 
 @pytest.mark.parametrize("name, options", [("deq", ["--reference", "--quick", "--parts", "--plot"]),
@@ -97,46 +79,37 @@ def test_bench_help_lists_scripts(capsys):
                                            ("ms", ["--batches", "--budget", "--settings", "--json"])])
 def test_bench_script_help_is_the_scripts_own(name, options, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["bench", name, "--help"])
+        run(name, ["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"usage: multizoo-ext bench {name} [-h]")
+    assert out.startswith(f"usage: bench_{name} [-h]")
     for option in options:
         assert option in out
 
 
 def test_deq_plot_without_matplotlib_fails_before_measuring(monkeypatch, capsys):
-    deq = bench.load("deq")
+    deq = load("deq")
     real = importlib.util.find_spec
     monkeypatch.setattr(deq.importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real(name, *a))
     monkeypatch.setattr(deq, "run", lambda **kw: pytest.fail("measured without matplotlib"))
     with pytest.raises(SystemExit) as exc:
-        main(["bench", "deq", "--quick", "--plot", "fig.png"])
+        run("deq", ["--quick", "--plot", "fig.png"])
     assert exc.value.code == 2
     assert "needs matplotlib" in capsys.readouterr().err
-
-
-def test_wrapper_scripts_reexport_the_modules():
-    for name, entry in bench.SCRIPTS.items():
-        script = REPO / "benchmarks" / f"bench_{entry['module'].rsplit('.', 1)[1]}.py"
-        spec = importlib.util.spec_from_file_location(f"_wrapper_{name}", script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)                 # no __main__: nothing runs
-        target = bench.load(name)
-        assert module.main is target.main
-        assert module.to_markdown is target.to_markdown
 
 
 def test_scripts_import_without_optional_dependencies():
     """No optional package at import time; ``ms`` without pytorch-metric-learning reads n/a."""
     code = textwrap.dedent("""
-        import sys
+        import runpy, sys
         for name in ("pytorch_metric_learning", "torchdeq", "matplotlib"):
             sys.modules[name] = None        # any import of them raises ImportError
-        import multizoo_ext.bench.deq, multizoo_ext.bench.refnet, multizoo_ext.bench.multisimilarity
-        from multizoo_ext.cli import main
-        sys.exit(main(["bench", "ms", "--batches", "8", "--dim", "8", "--budget", "0", "--settings", "single10"]))
+        for script in ("bench_deq", "bench_refnet"):
+            runpy.run_path(f"benchmarks/{script}.py", run_name="not_main")
+        sys.argv = ["benchmarks/bench_multisimilarity.py", "--batches", "8", "--dim", "8", "--budget", "0",
+                    "--settings", "single10"]
+        runpy.run_path("benchmarks/bench_multisimilarity.py", run_name="__main__")
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -145,7 +118,7 @@ def test_scripts_import_without_optional_dependencies():
 
 
 def test_deq_paired_cell_shows_the_spread_of_the_per_repeat_ratios():
-    deq = bench.load("deq")
+    deq = load("deq")
     row = {"speedup_paired_median": 3.3187,
            "speedup_paired_spread": {"q1": 3.12, "q3": 3.54, "min": 2.99, "max": 4.06}}
     assert deq._paired_cell(row) == "3.32x (IQR 3.12-3.54)"

@@ -1,15 +1,14 @@
-"""Stage-by-stage solves of block-triangular fixed points (fusions/deq_staged.py) and their
+"""Stage-by-stage solves of block-triangular fixed points (fusions/deq/staged.py) and their
 adjoint (the staged implicit backward), against closed forms on a linear map. DEQFusion's
-staged solves against its joint ones: tests/fusions/test_deq.py."""
+staged solves against its joint ones: tests/fusions/deq/test_fusion.py."""
 import functools
 import math
 
 import pytest
 import torch
 
-from multizoo_ext.fusions.deq_backward import ImplicitBackward
-from multizoo_ext.fusions.deq_solvers import anderson, residuals
-from multizoo_ext.fusions.deq_staged import is_staged, merge_stage_infos, solve_staged
+from multizoo_ext.fusions.deq import ImplicitBackward, anderson, residuals
+from multizoo_ext.fusions.deq.staged import is_staged, merge_stage_infos, solve_staged
 
 
 class _TriangularLinear:
@@ -85,8 +84,9 @@ def test_staged_implicit_gradient_equals_the_closed_form():
         f = _TriangularLinear(A, c, (5, 3))
         mode = ImplicitBackward("anderson", max_iter=200, tol=1e-11, stop_mode="abs", compact=True, staged=staged)
         solve = functools.partial(anderson, max_iter=200, tol=1e-11, stop_mode="abs", compact=True)
-        z, info, _ = mode.run(f, torch.zeros(4, 8, dtype=A.dtype),
-                              lambda fn, z0: solve_staged(fn, z0, solve, 1e-11, "abs"), True, False)
+        with torch.no_grad():
+            z, info = solve_staged(f, torch.zeros(4, 8, dtype=A.dtype), solve, 1e-11, "abs")
+        z, _ = mode.attach(f, z, info, True, False)
         (grad,) = torch.autograd.grad((z * w).sum(), c)
         exact = w @ torch.linalg.inv(torch.eye(8, dtype=A.dtype) - A)
         torch.testing.assert_close(grad, exact, rtol=0, atol=1e-9)

@@ -1,0 +1,608 @@
+"""Deep Equilibrium fusion (Ni, Bai, Zhang, Yao, Mei, arXiv 2306.16645) as a MultiBench fusion.
+
+Fusion is the equilibrium of a recursive process: with the modality embeddings projected to one
+width ``d``, the state ``z = (z_1, ..., z_M, z_f)`` (``(B, (M + 1) d)``) starts at zeros, the
+forward pass solves ``z* = f_theta(z*; x)`` and returns the fused part ``z_f*`` ``(B, d)``.
+``f_theta`` is written once, in :class:`_FusionMap`.
+
+One batch's path, top to bottom: :meth:`DEQFusion.forward` builds the map for the batch,
+solves its fixed point without a graph (stage by stage, :mod:`.staged`, or jointly, with a
+solver of :mod:`.solvers`), hands ``z*`` to the gradient mode of :mod:`.backward` (which
+attaches the implicit, phantom or unrolled gradient and, in training, the pair the Jacobian
+penalty needs), then records the solver statistics (``last_info``, the convergence counts).
+
+Example:
+    >>> import torch
+    >>> from multizoo_ext.fusions.deq import DEQFusion
+    >>> fusion = DEQFusion([5, 7, 3], width=16)
+    >>> fused, info = fusion([torch.randn(4, 5), torch.randn(4, 7), torch.randn(4, 3)], return_info=True)
+    >>> fused.shape, info["converged"].shape
+    (torch.Size([4, 16]), torch.Size([4]))
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from multizoo_ext.fusions.deq.backward import (
+    DEFAULT_JAC_VECTORS,
+    DEFAULT_PHANTOM_STEPS,
+    DEFAULT_PHANTOM_TAU,
+    build_backward,
+    jacobian_penalty,
+)
+from multizoo_ext.fusions.deq.solvers import Solver, get_solver
+from multizoo_ext.fusions.deq.staged import solve_staged
+from multizoo_ext.registry import Recipe, register_fusion
+from multizoo_ext.validation import check_fusion_inputs, check_input_dims
+
+__all__ = ["DEQ_DEFAULTS", "DEQDefaults", "DEQFusion", "find_deq"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DEQDefaults:
+    """Defaults of :class:`DEQFusion`, in one place (solver internals such as Anderson's
+    memory live in :mod:`.solvers`)."""
+
+    #: GroupNorm groups per width-``d`` block (reference: 4).
+    num_groups: int = 4
+    #: Forward / backward iteration caps (reference: 55 / 56).
+    f_max_iter: int = 55
+    b_max_iter: int = 56
+    #: Per-sample tolerances of the forward solve and of the backward (adjoint) solve, whose
+    #: gradient is no more accurate than the forward fixed point it is taken at.
+    f_tol: float = 1e-3
+    b_tol: float = 1e-3
+    #: ``'rel'``: stop on ``||f(z) - z|| / ||f(z)||``; ``'abs'``: on ``||f(z) - z||``.
+    stop_mode: str = "rel"
+    #: Forward solver (a name of :func:`.solvers.get_solver`); the backward's defaults to it.
+    solver: str = "anderson"
+    #: Gradient mode: ``'implicit'``, ``'phantom'`` or ``'unrolled'`` (:mod:`.backward`).
+    backward: str = "implicit"
+    #: Phantom mode: damped steps from ``z*`` and their damping.
+    phantom_steps: int = DEFAULT_PHANTOM_STEPS
+    phantom_tau: float = DEFAULT_PHANTOM_TAU
+    #: Compute the Hutchinson Jacobian penalty in training (the method's recipe) and the
+    #: random vectors of its estimate (reference: 2).
+    jac_reg: bool = True
+    jac_vectors: int = DEFAULT_JAC_VECTORS
+    #: Drop converged samples from the solvers' working batch (one host sync per check).
+    compact: bool = True
+    #: Solve the block-triangular forward fixed point stage by stage (modality states, then
+    #: the fused state): the same joint fixed point for fewer and cheaper evaluations.
+    staged: bool = True
+    #: Solve the backward (adjoint) system stage by stage too, last stage first.
+    staged_backward: bool = True
+    #: Samples whose forward residual stays above this get the Jacobian-free gradient instead
+    #: of the implicit one, which is only meaningful at a fixed point. None: implicit for all.
+    implicit_max_residual: Optional[float] = 1e-2
+    #: Log non-convergence (WARNING) at most once per this many forwards.
+    warn_every: int = 100
+
+
+#: The single instance the constructor reads.
+DEQ_DEFAULTS = DEQDefaults()
+
+
+def _group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.group_norm`` of a ``(B, C)`` tensor, as a layer norm over ``(B, groups, C / groups)``
+    plus the per-channel affine: the same values (within float rounding), and on the CPU
+    faster than ``group_norm``, whose kernel is built for spatial ``(B, C, H, W)`` inputs."""
+    B, C = x.shape
+    normed = F.layer_norm(x.view(B, groups, C // groups), (C // groups,), eps=eps)
+    return torch.addcmul(bias, normed.view(B, C), weight)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+class _Rows:
+    """Rows ``index`` of some full-batch tensors, gathered once per index tensor.
+
+    A compacting solver passes the same index tensor until it drops rows again; the gather
+    is cached per grad mode, so a gather made without a graph is never used with one."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.full = tensors
+        self._key: Optional[Tuple[torch.Tensor, bool]] = None
+        self._rows: Tuple[torch.Tensor, ...] = tensors
+
+    def __call__(self, index: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        if index is None:
+            return self.full
+        grad = torch.is_grad_enabled()
+        if self._key is None or self._key[0] is not index or self._key[1] != grad:
+            self._key = (index, grad)
+            self._rows = tuple(t.index_select(0, index) for t in self.full)
+        return self._rows
+
+
+# ------------------------------------------------------------------------------ the map f
+class _FusionMap:
+    """``f_theta(z; x)`` of one batch: ``(b, (M + 1) d) -> (b, (M + 1) d)``, ``z = (z_1..z_M, z_f)``.
+
+    1. injection: ``x_i = P_i(input_i)`` (a Linear, or the identity when the widths agree),
+       ``x_f = sum_i w_i x_i + b``;
+    2. per-modality residual block (own weights per modality):
+       ``z_i' = GN3(ReLU(GN2(W2 ReLU(GN1(W1 z_i)) + x_i) + z_i))``;
+    3. purify-then-combine with one gate ``W_g`` shared by the modalities, reading the updated
+       ``z_i'``: ``z_f' = GN(ReLU(W_f sum_i (z_f * W_g(z_i' + z_f)) + x_f))``.
+
+    Row ``r`` of ``z`` is sample ``index[r]`` of the batch (all samples, in order, when
+    ``index`` is None), so a solver can drop converged samples. ``f`` is lower block-triangular
+    (``z_i'`` never reads ``z_f``): ``stage_sizes = (M d, d)`` and :meth:`stage` give the
+    stage maps :mod:`.staged` solves one after the other.
+
+    Speed-ups (same function): the injections and the biases added to them are computed once
+    per batch; the M GroupNorms of a stage run as one layer norm over the concatenated
+    ``(b, M d)`` state (:func:`_group_norm`); ``sum_i z_f * W_g(z_i' + z_f) = z_f * W_g(sum_i
+    z_i' + M z_f)`` (bias ``M b_g``), so the gate is one matrix product instead of M.
+    """
+
+    def __init__(self, layer: "DEQFusion", inputs: Sequence[torch.Tensor]) -> None:
+        blocks, fb = layer.blocks, layer.fusion_block
+        M, d = layer.num_modalities, layer.width
+        self.M, self.d, self.groups = M, d, layer.num_groups
+        self.stage_sizes = (M * d, d)
+        # 1. injection, once per batch (parameters keep their graph: the recomputation at z* trains them)
+        x = torch.stack([p(t) for p, t in zip(layer.projections, inputs)], 1)       # (B, M, d)
+        x_f = torch.einsum("m,bmd->bd", layer.weights, x) + layer.bias              # (B, d)
+        self.inj = x + torch.stack([b.lin2.bias for b in blocks])                     # (B, M, d): x_i + b2_i
+        self.inj_f = x_f + fb.fuse.bias                                               # (B, d):    x_f + b_f
+        self._rows = _Rows(self.inj, self.inj_f)
+        # weights, gathered once
+        self.eps = blocks[0].gn1.eps
+        self.w1 = [b.lin1.weight for b in blocks]                                     # M x (d, d)
+        self.b1 = [b.lin1.bias for b in blocks]
+        self.w2t = [b.lin2.weight.t() for b in blocks]
+        self.gn = [(torch.cat([b[n].weight for b in blocks]),                        # (M d,) each
+                    torch.cat([b[n].bias for b in blocks])) for n in ("gn1", "gn2", "gn3")]
+        self.wg, self.bg = fb.gate.weight, fb.gate.bias * M                           # W_g, M b_g
+        self.wft = fb.fuse.weight.t()
+        self.gnf = (fb.gn.weight, fb.gn.bias)
+
+    def modalities(self, z_m: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """2. The M residual blocks (stage 0): ``z_m (b, M d) -> z_m' (b, M d)``."""
+        M, d, G, eps = self.M, self.d, self.groups, self.eps
+        inj = self._rows(index)[0]                                                   # x_i + b2_i, (b, M, d)
+        # split (not slicing): the backward pass assembles one gradient tensor, not M zero-filled ones
+        zs = z_m.split(d, dim=1)                                                      # M x (b, d)
+        h = torch.cat([F.linear(zs[i], self.w1[i], self.b1[i]) for i in range(M)], 1)  # W1 z_i, (b, M d)
+        # in-place ReLU / add on fresh intermediates whose producers' backward does not read them
+        h = _group_norm(h, M * G, *self.gn[0], eps).relu_()                          # ReLU(GN1(.)), (b, M d)
+        hs = h.split(d, dim=1)
+        h = torch.cat([torch.addmm(inj[:, i], hs[i], self.w2t[i]) for i in range(M)], 1)  # W2 h + x_i
+        h = _group_norm(h, M * G, *self.gn[1], eps).add_(z_m).relu_()                # ReLU(GN2(.) + z_i)
+        return _group_norm(h, M * G, *self.gn[2], eps)                               # z_i', (b, M d)
+
+    def fused(self, z_f: torch.Tensor, a: torch.Tensor, inj_f: torch.Tensor) -> torch.Tensor:
+        """3. ``z_f' = GN(ReLU(W_f (z_f * a) + x_f))`` given the gate sum ``a = W_g(sum_i z_i' +
+        M z_f) + M b_g`` and ``inj_f = x_f + b_f``, all ``(b, d)``."""
+        return _group_norm(torch.addmm(inj_f, z_f * a, self.wft).relu_(), self.groups, *self.gnf, self.eps)
+
+    def __call__(self, z: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The whole map, 2 then 3: ``z`` (b, (M + 1) d) -> ``f(z)`` (b, (M + 1) d)."""
+        M, d = self.M, self.d
+        b = z.shape[0]
+        z_m, z_f = z.split([M * d, d], dim=1)                                        # (b, M d), (b, d)
+        z_m = self.modalities(z_m, index)                                             # z_i', (b, M d)
+        # gate sum a = sum_i W_g(z_i' + z_f) = W_g(sum_i z_i' + M z_f) + M b_g: one product
+        a = F.linear(z_m.view(b, M, d).sum(1) + M * z_f, self.wg, self.bg)           # (b, d)
+        return torch.cat([z_m, self.fused(z_f, a, self._rows(index)[1])], 1)         # (b, (M + 1) d)
+
+    def stage(self, k: int, states: Sequence[torch.Tensor],
+              outputs: Optional[Sequence[torch.Tensor]] = None) -> Callable[..., torch.Tensor]:
+        """Map of stage ``k`` given the earlier stages' full-batch ``states`` (and, if already
+        computed, their ``outputs``): stage 0 is :meth:`modalities`; stage 1 is
+        ``z_f (b, d) -> z_f' (b, d)`` with ``z_m'`` fixed, so the gate's ``W_g sum_i z_i' +
+        M b_g`` is computed once and an evaluation costs two ``(d, d)`` products."""
+        if k == 0:
+            return self.modalities
+        if k != 1:
+            raise IndexError(f"DEQ fusion map has 2 stages, asked for stage {k}")
+        z_m = outputs[0] if outputs else self.modalities(states[0])                  # z_m', (B, M d)
+        B, M, d = z_m.shape[0], self.M, self.d
+        rows = _Rows(F.linear(z_m.view(B, M, d).sum(1), self.wg, self.bg), self.inj_f)  # (B, d) each
+
+        def fused_stage(z_f: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+            const, inj_f = rows(index)
+            return self.fused(z_f, torch.addmm(const, z_f, self.wg.t(), alpha=M), inj_f)
+
+        return fused_stage
+
+
+# ------------------------------------------------------------------------------ the layer
+def _residual_block_params(width: int, num_groups: int) -> nn.ModuleDict:
+    """Weights of one modality's residual block (applied in :meth:`_FusionMap.modalities`)."""
+    return nn.ModuleDict({"lin1": nn.Linear(width, width), "lin2": nn.Linear(width, width),
+                          "gn1": nn.GroupNorm(num_groups, width), "gn2": nn.GroupNorm(num_groups, width),
+                          "gn3": nn.GroupNorm(num_groups, width)})
+
+
+def _fusion_block_params(width: int, num_groups: int) -> nn.ModuleDict:
+    """Weights of the purify-then-combine update (applied in :meth:`_FusionMap.fused`)."""
+    return nn.ModuleDict({"gate": nn.Linear(width, width), "fuse": nn.Linear(width, width),
+                          "gn": nn.GroupNorm(num_groups, width)})
+
+
+def _solver_name(solver: Union[str, Solver]) -> str:
+    return solver.lower() if isinstance(solver, str) else getattr(solver, "__name__", type(solver).__name__)
+
+
+#: DEQ fusion trains with its Jacobian penalty (``jac_reg=True``, the constructor's default)
+#: added by ``multizoo_ext.objectives.deq_objective`` (weight 0.1), and the fusion's parameters
+#: at 0.1 x the learning rate, as the authors' MM-IMDB script does.
+@register_fusion("deq", recipe=Recipe(objective="deq", fusion_lr_mult=0.1))
+class DEQFusion(nn.Module):
+    """Deep Equilibrium fusion: the fused state of the fixed point ``z* = f_theta(z*; x)``
+    (``f_theta``: :class:`_FusionMap`).
+
+    Args:
+        input_dims: widths ``d_i`` of the M >= 2 modality embeddings (any widths).
+        width: DEQ width ``d`` (= ``out_dim``). Default: ``max(input_dims)`` rounded up to a
+            multiple of ``num_groups``, so encoders of equal width (MultiBench's usual case,
+            e.g. 512) are used as they are.
+        num_groups: GroupNorm groups; ``width`` must be a multiple. Default: 4.
+        always_project: give every modality a learned ``Linear(d_i, width)``. Default: False,
+            which projects only the modalities whose width differs from ``width`` and feeds
+            the others unchanged.
+        solver: forward solver, a registered name (``'anderson'`` (default), ``'broyden'``,
+            ``'fixed_point_iter'``, or one added with
+            :func:`~multizoo_ext.fusions.deq.solvers.register_solver`) or a callable with the
+            solver signature of :mod:`.solvers`.
+        b_solver: backward solver of the implicit mode, the same way. Default: ``solver``.
+        f_max_iter, b_max_iter: iteration caps. Default: 55 / 56.
+        f_tol, b_tol: per-sample tolerances. Default: 1e-3 / 1e-3.
+        stop_mode: ``'rel'`` (default) or ``'abs'`` residual for stopping.
+        backward: gradient mode, ``'implicit'`` (default), ``'phantom'`` or ``'unrolled'``.
+        phantom_steps, phantom_tau: phantom mode. Default: 5, 1.0.
+        unroll_steps: iterations of the unrolled mode. Default: ``f_max_iter``.
+        jac_reg: compute the Hutchinson Jacobian penalty ``||J_f(z*)||_F^2 / numel`` in
+            training, for the objective to read with :meth:`take_jacobian_penalty` (as
+            ``multizoo_ext.objectives.deq_objective`` does). A training forward whose
+            penalty no objective took is reported once per module (logging and
+            ``warnings.warn``) at the next training forward. Default: True.
+        jac_vectors: random vectors of the estimate. Default: 2.
+        compact: let the forward and backward solvers drop converged samples from their
+            working batch. Default: True.
+        staged: solve the (block-triangular) forward fixed point stage by stage, the modality
+            states first, then the fused state, each with its own solver run: the same joint
+            fixed point, within the same joint tolerance (:mod:`.staged`). Caps then apply
+            per stage and ``steps`` counts stage evaluations. False: one solve of the joint
+            state. Default: True.
+        implicit_max_residual: implicit mode: samples whose forward residual (of
+            ``stop_mode``) is above this get the Jacobian-free gradient (one application of
+            ``f`` at the returned iterate) instead of the implicit one. None: implicit for
+            every sample. Default: 1e-2.
+        staged_backward: solve the implicit mode's adjoint system stage by stage as well
+            (last stage first). False: one joint adjoint solve. Default: True.
+        trace: keep the per-iteration residuals in the info (``trace_abs``/``trace_rel``; per
+            stage, in ``info['stages']``, when ``staged``). Default: False.
+        solver_kwargs: extra solver options for both solves (e.g. ``{'m': 5, 'lam': 1e-4,
+            'beta': 1.0, 'check_every': 4}``); solver defaults otherwise.
+        warn_every: log non-convergence at WARNING at most once per this many forwards.
+            Default: 100.
+
+    Shapes:
+        ``forward([(B, d_1), ..., (B, d_M)]) -> (B, width)``; ``(B, ...)`` inputs are
+        flattened. Inputs must have the parameters' dtype and device.
+
+    State after each forward (never in the return value):
+        ``last_info``: dict of detached solver statistics, per sample where it says (B,):
+        ``steps``, ``abs_residual``, ``rel_residual``, ``converged``, ``nan``, ``diverged``,
+        ``iterations``, ``jac_loss`` (float or None), and when ``staged`` ``stages`` (each
+        stage's own solver info; ``steps`` is then their sum); after the backward pass of the
+        implicit mode also ``backward`` (the backward solve's statistics).
+        ``jac_loss``: the penalty (scalar tensor with a graph) when ``jac_reg`` and training,
+        else None; for inspection; objectives read it with :meth:`take_jacobian_penalty`.
+        Running convergence counts: :meth:`convergence_stats`.
+
+    Raises:
+        ValueError / TypeError: fewer than 2 modalities, bad widths, ``width`` not a multiple
+        of ``num_groups``, unknown solver or backward mode; on forward, wrong modality count
+        or widths, dtype or device unlike the parameters', or NaN/Inf inputs.
+    """
+
+    def __init__(self, input_dims: Sequence[int], width: Optional[int] = None,
+                 num_groups: int = DEQ_DEFAULTS.num_groups, always_project: bool = False,
+                 solver: Union[str, Solver] = DEQ_DEFAULTS.solver, b_solver: Union[str, Solver, None] = None,
+                 f_max_iter: int = DEQ_DEFAULTS.f_max_iter, b_max_iter: int = DEQ_DEFAULTS.b_max_iter,
+                 f_tol: float = DEQ_DEFAULTS.f_tol, b_tol: float = DEQ_DEFAULTS.b_tol,
+                 stop_mode: str = DEQ_DEFAULTS.stop_mode, backward: str = DEQ_DEFAULTS.backward,
+                 phantom_steps: int = DEQ_DEFAULTS.phantom_steps, phantom_tau: float = DEQ_DEFAULTS.phantom_tau,
+                 unroll_steps: Optional[int] = None, jac_reg: bool = DEQ_DEFAULTS.jac_reg,
+                 jac_vectors: int = DEQ_DEFAULTS.jac_vectors, compact: bool = DEQ_DEFAULTS.compact,
+                 staged: bool = DEQ_DEFAULTS.staged, staged_backward: bool = DEQ_DEFAULTS.staged_backward,
+                 implicit_max_residual: Optional[float] = DEQ_DEFAULTS.implicit_max_residual,
+                 trace: bool = False, solver_kwargs: Optional[Mapping[str, Any]] = None,
+                 warn_every: int = DEQ_DEFAULTS.warn_every) -> None:
+        super().__init__()
+        self.input_dims = check_input_dims(input_dims, "DEQFusion")
+        if int(num_groups) < 1:
+            raise ValueError(f"DEQFusion: num_groups must be >= 1, got {num_groups}")
+        self.num_groups = int(num_groups)
+        if width is None:
+            width = _round_up(max(self.input_dims), self.num_groups)
+        if int(width) < 1:
+            raise ValueError(f"DEQFusion: width must be positive, got {width}")
+        self.width = int(width)
+        if self.width % self.num_groups != 0:
+            raise ValueError(
+                f"DEQFusion: width {self.width} is not divisible by num_groups {self.num_groups}; "
+                f"GroupNorm needs equal groups, so pick a width that is a multiple of {self.num_groups} "
+                f"(e.g. {_round_up(self.width, self.num_groups)}) or another num_groups")
+        if stop_mode not in ("abs", "rel"):
+            raise ValueError(f"DEQFusion: stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
+        for name, value in (("f_max_iter", f_max_iter), ("b_max_iter", b_max_iter), ("warn_every", warn_every)):
+            if int(value) < 1:
+                raise ValueError(f"DEQFusion: {name} must be >= 1, got {value}")
+        self.out_dim = self.width
+
+        # parameters (state_dict keys: projections.i.*, blocks.i.{lin1,lin2,gn1,gn2,gn3}.*,
+        # fusion_block.{gate,fuse,gn}.*, weights, bias)
+        self.projections = nn.ModuleList(
+            nn.Linear(d, self.width) if (always_project or d != self.width) else nn.Identity()
+            for d in self.input_dims)
+        self.blocks = nn.ModuleList(_residual_block_params(self.width, self.num_groups) for _ in self.input_dims)
+        self.fusion_block = _fusion_block_params(self.width, self.num_groups)
+        self.weights = nn.Parameter(torch.ones(self.num_modalities))   # w_i of x_f
+        self.bias = nn.Parameter(torch.zeros(()))                       # b of x_f
+
+        # the forward solve (staged or joint) and the gradient mode, resolved once
+        self.solver_name = _solver_name(solver)
+        opts = dict(solver_kwargs or {})
+        self.compact = bool(compact)
+        self.staged = bool(staged)
+        self.staged_backward = bool(staged_backward)
+        self.trace = bool(trace)
+        self.f_tol, self.stop_mode = float(f_tol), stop_mode
+        self._solve = functools.partial(
+            get_solver(solver), max_iter=int(f_max_iter), tol=float(f_tol),
+            stop_mode=stop_mode, compact=self.compact, trace=self.trace, **opts)
+        self.backward_mode = str(backward).lower()
+        self._grad = build_backward(
+            self.backward_mode, b_solver=(solver if b_solver is None else b_solver), b_max_iter=int(b_max_iter),
+            b_tol=float(b_tol), stop_mode=stop_mode, solver_options=opts, phantom_steps=phantom_steps,
+            phantom_tau=phantom_tau, unroll_steps=int(f_max_iter if unroll_steps is None else unroll_steps),
+            f_tol=float(f_tol), compact=self.compact, staged=self.staged_backward,
+            implicit_max_residual=implicit_max_residual)
+        self.jac_reg = bool(jac_reg)
+        self.jac_vectors = int(jac_vectors)
+        self.warn_every = int(warn_every)
+        self.last_info: Optional[Dict[str, Any]] = None
+        self.jac_loss: Optional[torch.Tensor] = None
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        """Per-batch state and counters that copies do not carry."""
+        self._jac_batch: Optional[int] = None      # batch size of the forward that computed jac_loss
+        self._jac_taken = False                     # an objective read this forward's penalty
+        self._jac_unused_warned = False
+        self._stats = _ConvergenceCounts()          # for convergence_stats()
+        self._window = _ConvergenceCounts()         # for the rate-limited warning
+
+    @property
+    def num_modalities(self) -> int:
+        """Number of modalities M."""
+        return len(self.input_dims)
+
+    @property
+    def state_dim(self) -> int:
+        """Width ``(M + 1) * width`` of the flat equilibrium state."""
+        return (self.num_modalities + 1) * self.width
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # Pickling / deepcopy must not carry the last batch's statistics, graph and counters.
+        state = self.__dict__.copy()
+        state["last_info"] = None
+        state["jac_loss"] = None
+        for key in ("_jac_batch", "_jac_taken", "_jac_unused_warned", "_stats", "_window"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_state()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inputs: List[torch.Tensor], return_info: bool = False
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, Any]]]:
+        """Fuse M modality embeddings into the equilibrium fused state.
+
+        Args:
+            inputs: list of M tensors ``(B, d_i)`` (or ``(B, ...)``, flattened).
+            return_info: also return the solver statistics (same dict as ``last_info``).
+
+        Returns:
+            ``(B, width)``, or ``((B, width), info)`` with ``return_info=True``.
+
+        Raises:
+            ValueError / TypeError: wrong modality count or widths, dtype or device unlike the
+            parameters', NaN/Inf inputs.
+        """
+        f = self.deq_function(inputs)                                   # f_theta(.; x)
+        B = f.inj.shape[0]
+        z0 = f.inj_f.new_zeros(B, self.state_dim)                     # (B, (M + 1) d)
+        needs_grad = torch.is_grad_enabled() and (
+            f.inj.requires_grad or any(p.requires_grad for p in self.parameters()))
+        want_jac = self.jac_reg and self.training and needs_grad
+        if want_jac:
+            self._warn_if_penalty_unused()
+        # 1. solve z* = f(z*) without a graph (the unrolled mode iterates with one instead)
+        if self._grad.solves_forward:
+            with torch.no_grad():
+                z, info = self._solve_fixed_point(f, z0)                # (B, (M + 1) d)
+        else:
+            z, info = self._grad.unroll(f, z0, needs_grad, self.trace)
+        # 2. the gradient mode's backward hook, and what the Jacobian penalty needs
+        z, jac_pair = self._grad.attach(f, z, info, needs_grad, want_jac)
+        self.jac_loss = (jacobian_penalty(*jac_pair, n_vectors=self.jac_vectors)
+                         if jac_pair is not None else None)
+        self._jac_batch, self._jac_taken = (B if self.jac_loss is not None else None), False
+        # 3. statistics
+        info = self._detach_info(info)
+        info["jac_loss"] = None if self.jac_loss is None else self.jac_loss.detach()
+        self.last_info = info
+        self._record_convergence(info)
+        fused = z[:, self.num_modalities * self.width:]                 # z_f*, (B, d)
+        return (fused, info) if return_info else fused
+
+    def deq_function(self, inputs: Sequence[torch.Tensor]) -> _FusionMap:
+        """``f_theta(.; x)`` for these inputs: a callable ``(B, state_dim) -> (B, state_dim)``
+        (accepts an optional ``index`` of batch rows); for plots, benchmarks and checks."""
+        return _FusionMap(self, self._check(inputs))
+
+    def _solve_fixed_point(self, f: _FusionMap, z0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """Forward solve of ``z = f(z)`` from ``z0`` (B, state_dim): staged or joint."""
+        if self.staged:
+            return solve_staged(f, z0, self._solve, self.f_tol, self.stop_mode)
+        return self._solve(f, z0)
+
+    def _check(self, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        param = self.weights
+        bad = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.device != param.device]
+        if bad:
+            raise ValueError(f"DEQFusion: input of modality {bad[0]} is on {inputs[bad[0]].device} but the fusion's "
+                             f"parameters are on {param.device}; move one with .to(device)")
+        return check_fusion_inputs(inputs, "DEQFusion", self.input_dims, param.dtype)  # (B, d_i) each
+
+    @staticmethod
+    def _detach_info(info: Dict[str, Any]) -> Dict[str, Any]:
+        # Keep the same dict object: the implicit backward adds info["backward"] to it later.
+        for key, value in list(info.items()):
+            if isinstance(value, torch.Tensor):
+                info[key] = value.detach()
+            elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+                info[key] = [v.detach() for v in value]
+            elif key == "stages":
+                info[key] = [DEQFusion._detach_info(dict(v)) for v in value]
+        return info
+
+    # ------------------------------------------------------------------ Jacobian penalty
+    def take_jacobian_penalty(self, batch_size: int) -> torch.Tensor:
+        """The Jacobian penalty of the last forward, for the objective scoring that batch.
+
+        The one way objectives read the penalty: it marks the penalty as used (a training
+        forward whose penalty nobody took is reported once) and checks it belongs to the
+        batch being scored.
+
+        Args:
+            batch_size: size of the batch the objective scores (``pred.shape[0]``).
+
+        Returns:
+            Scalar tensor with a graph to the parameters.
+
+        Raises:
+            ValueError: the last forward computed no penalty (built with ``jac_reg=False``,
+            evaluation mode or no gradients), it was computed for a batch of another size,
+            or it was already taken (stale: from a forward that was scored already).
+        """
+        if self.jac_loss is None or self._jac_batch is None:
+            raise ValueError("DEQFusion computed no Jacobian penalty in its last forward: build it with "
+                             "DEQFusion(..., jac_reg=True) and run the forward in training mode with "
+                             "gradients enabled")
+        if int(batch_size) != self._jac_batch:
+            raise ValueError(f"DEQFusion's Jacobian penalty belongs to its last forward, a batch of "
+                             f"{self._jac_batch} samples, but the objective scores {int(batch_size)}; "
+                             f"score each batch right after its forward")
+        if self._jac_taken:
+            raise ValueError("DEQFusion's Jacobian penalty of the last forward was already taken (stale); "
+                             "run a new forward for each loss")
+        self._jac_taken = True
+        return self.jac_loss
+
+    def _warn_if_penalty_unused(self) -> None:
+        if self._jac_batch is None or self._jac_taken or self._jac_unused_warned:
+            return
+        self._jac_unused_warned = True
+        msg = ("DEQFusion computed a Jacobian penalty that no objective used; train with "
+               "multizoo_ext.objectives.deq_objective(...) or build DEQFusion(jac_reg=False)")
+        logger.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=5)
+
+    # ------------------------------------------------------------------ convergence
+    def _record_convergence(self, info: Mapping[str, Any]) -> None:
+        converged = info["converged"]                                  # (B,) bool
+        n, worst = converged.sum(), info["rel_residual" if self.stop_mode == "rel" else "abs_residual"].max()
+        self._stats.add(n, worst, converged.numel())
+        self._window.add(n, worst, converged.numel())
+        if self._window.forwards >= self.warn_every:                  # one host sync per window
+            window = self._window.take()
+            if window["converged"] < window["samples"]:
+                logger.warning(
+                    "DEQFusion: %d of %d samples (%.1f%%) in the last %d forward(s) reached the %s "
+                    "tolerance %g; max %s residual %.3g (raise f_max_iter, or expect approximate "
+                    "fixed points)", window["converged"], window["samples"],
+                    100.0 * window["fraction_converged"], window["forwards"], self.stop_mode, self.f_tol,
+                    self.stop_mode, window["max_residual"])
+
+    def convergence_stats(self, reset: bool = True) -> Dict[str, Union[int, float]]:
+        """Forward-solve convergence since the last reset, for a training history.
+
+        Returns:
+            ``{'forwards', 'samples', 'converged'}`` counts, ``'fraction_converged'`` (1.0 when
+            no sample was seen) and ``'max_residual'`` (of ``stop_mode``; 0.0 when none).
+            One host sync.
+
+        Args:
+            reset: start counting afresh. Default: True.
+        """
+        return self._stats.take() if reset else self._stats.peek()
+
+    def extra_repr(self) -> str:
+        return (f"input_dims={self.input_dims}, width={self.width}, num_groups={self.num_groups}, "
+                f"solver={self.solver_name!r}, backward={self.backward_mode!r}, jac_reg={self.jac_reg}")
+
+
+class _ConvergenceCounts:
+    """Running counts of converged samples and the largest residual, kept on the device
+    (no host sync until read)."""
+
+    def __init__(self) -> None:
+        self.forwards = 0
+        self.samples = 0
+        self.converged: Optional[torch.Tensor] = None
+        self.max_residual: Optional[torch.Tensor] = None
+
+    def add(self, converged: torch.Tensor, max_residual: torch.Tensor, samples: int) -> None:
+        """One forward: ``converged`` samples (0-d), its largest residual (0-d; NaN propagates)."""
+        self.converged = converged if self.converged is None else self.converged + converged
+        self.max_residual = (max_residual if self.max_residual is None
+                             else torch.maximum(self.max_residual, max_residual))
+        self.forwards += 1
+        self.samples += int(samples)
+
+    def peek(self) -> Dict[str, Union[int, float]]:
+        conv = 0 if self.converged is None else int(self.converged)
+        worst = 0.0 if self.max_residual is None else float(self.max_residual)
+        return {"forwards": self.forwards, "samples": self.samples, "converged": conv,
+                "fraction_converged": conv / self.samples if self.samples else 1.0, "max_residual": worst}
+
+    def take(self) -> Dict[str, Union[int, float]]:
+        out = self.peek()
+        self.__init__()
+        return out
+
+
+def find_deq(module: Optional[nn.Module]) -> Optional[DEQFusion]:
+    """The first :class:`DEQFusion` in ``module`` or its children (e.g. inside a ReFNet
+    wrapper's ``.fusion``), or None."""
+    if module is None:
+        return None
+    if isinstance(module, DEQFusion):
+        return module
+    for sub in module.modules():
+        if isinstance(sub, DEQFusion):
+            return sub
+    return None
