@@ -238,6 +238,8 @@ def run_one(name: str, seed: int, epochs: int, lr: float, save_dir: str) -> Dict
         out = head(fusion([encoders[0](x0), encoders[1](x1)]))
         init["task0"] = float(F.cross_entropy(out, y).detach())
         init["jac0"] = float(fusion.jac_loss.detach()) if fusion.jac_loss is not None else float("nan")
+        if fusion.jac_loss is not None and hasattr(fusion, "take_jacobian_penalty"):
+            fusion.take_jacobian_penalty(y.shape[0])   # mark this probe's penalty as read
 
     save = os.path.join(save_dir, f"deq_synergy_{os.getpid()}.pt")
     optimtype = grouped_adam(fusion, lr_mult) if lr_mult != 1.0 else torch.optim.Adam
