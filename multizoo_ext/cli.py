@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pickle
 import sys
 import time
@@ -74,6 +75,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "runs/train/DATASET-FUSION-sSEED-TIME per run); an existing run there is kept unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes on this machine: re-run under 'python -m torch.distributed.run "
+                        "--nproc_per_node N' (gloo on CPU, NCCL on GPUs; --batch-size is per process; default: 1)")
 
 
 def _merged(pairs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -98,8 +102,14 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
                            embed_dim=args.embed_dim, fusion_kwargs=_merged(args.fusion_arg), objective=args.objective,
                            objective_kwargs=_merged(args.objective_arg), fusion_lr_mult=args.fusion_lr_mult)
     train_dl, valid_dl, test_dl = seeded_loaders(args.dataset, args.seed, args.batch_size, **data_kwargs)
-    out = prepare_output(args.output or new_run_dir("runs/train", f"{args.dataset}-{args.fusion}-s{args.seed}"),
-                         overwrite=args.overwrite)
+    from multizoo_ext.training_structures import distributed
+
+    distributed.init_from_env()  # under --nproc / torchrun: rank 0 picks and prepares the folder
+    out = None
+    if distributed.is_main():
+        out = prepare_output(args.output or new_run_dir("runs/train", f"{args.dataset}-{args.fusion}-s{args.seed}"),
+                             overwrite=args.overwrite)
+    out = Path(distributed.broadcast_object(out))
     args.output = str(out)
     t0 = time.perf_counter()
     res = train(method.encoders, method.fusion, method.head, train_dl, valid_dl, args.epochs,
@@ -114,7 +124,8 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
            "method": method.settings, "epochs_run": len(res.history), "best_epoch": res.best_epoch,
            "seconds_per_epoch": res.seconds_per_epoch, "parameters": res.parameters,
            "total_seconds": time.perf_counter() - t0, "test": metrics, "history": res.history}
-    (out / "results.json").write_text(json.dumps(row, indent=2))
+    if distributed.is_main():
+        (out / "results.json").write_text(json.dumps(row, indent=2))
     return row
 
 
@@ -208,6 +219,28 @@ def _guarded(command: Any, args: argparse.Namespace) -> Any:
         return None
 
 
+def _relaunch_distributed(nproc: int, argv: Sequence[str]) -> int:
+    """Run this command again in ``nproc`` processes under ``torch.distributed.run`` (single
+    machine, a free local port); the children see ``WORLD_SIZE`` and train data-parallel."""
+    if nproc < 1:
+        print(f"error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
+        return 2
+    import subprocess
+
+    rest, skip = [], False  # the children run without --nproc (torchrun's parser would take it for its own)
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "multizoo_ext", *rest]
+    logger.info("launching %s", " ".join(cmd))
+    return subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multizoo-ext",
@@ -249,12 +282,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         others = [n for n in list_encoders() if n not in ENCODER_CHOICES]
         print(f"(also registered for the Python API, for sequence and image inputs: {', '.join(others)})")
         return 0
+    if args.command == "train" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_distributed(args.nproc, list(sys.argv[1:] if argv is None else argv))
     if args.command == "train":
         row = _guarded(run_train, args)
         if row is None:
             return 2
-        print(format_results(row))
-        print(f"\nweights and results in {args.output}/ (best.pt, best.json, results.json)")
+        from multizoo_ext.training_structures import distributed
+
+        if distributed.is_main():
+            print(format_results(row))
+            print(f"\nweights and results in {args.output}/ (best.pt, best.json, results.json)")
+        if distributed.is_distributed():
+            torch.distributed.destroy_process_group()
         return 0
     if args.command == "evaluate":
         table = _guarded(run_evaluate, args)

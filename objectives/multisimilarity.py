@@ -352,8 +352,9 @@ def _ms_terms(sim: Tensor, labels: Tensor, cfg: _Config, mining: bool,
         kept = torch.mul(mask, exp)  # (2, R, C), on the masks
     sums = kept.sum(dim=2, keepdim=True)  # (2, R, 1)
     if cfg.shifted:
+        empty = sums.eq(0)  # no kept pair: exactly 0, as log1p gives below (not log(e^-s) + s)
         tot = sums.add_(torch.exp(-shift))
-        terms = torch.log(tot).add_(shift)
+        terms = torch.log(tot).add_(shift).masked_fill_(empty, 0.0)
     else:
         # log(1 + sum exp(x)) = log1p(sum exp(x)): exactly 0 for an anchor without a kept
         # pair, and the logits are bounded (see _needs_shift), so nothing overflows.
@@ -550,6 +551,12 @@ class MultiSimilarityLoss(nn.Module):
         base: similarity offset lambda. Default: 0.5.
         epsilon: mining margin. Default: 0.1 (PML's ``MultiSimilarityMiner``).
         mining: keep only the informative pairs (module docstring). Default: True.
+        gather: in a process group of W > 1 processes (data-parallel training), score this
+            process's anchors against the embeddings of all processes and return ``W / B``
+            times their summed losses, so that DDP's gradient averaging gives the gradient of
+            the single-process loss on the concatenated batch (``objectives/distributed.py``).
+            Every process must call it the same number of times. Outside a process group it
+            changes nothing. Default: False (each process's batch on its own).
 
     Shape:
         - embeddings: ``(B, D)`` floating point, L2-normalised inside.
@@ -581,6 +588,7 @@ class MultiSimilarityLoss(nn.Module):
         base: float = DEFAULT_BASE,
         epsilon: float = DEFAULT_EPSILON,
         mining: bool = True,
+        gather: bool = False,
     ) -> None:
         super().__init__()
         _check_hparams(alpha, beta, base, epsilon, type(self).__name__)
@@ -589,9 +597,15 @@ class MultiSimilarityLoss(nn.Module):
         self.base = float(base)
         self.epsilon = float(epsilon)
         self.mining = bool(mining)
+        self.gather = bool(gather)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean Multi-Similarity loss of the batch (scalar)."""
+        if self.gather:
+            from multizoo_ext.objectives.distributed import gathered_multi_similarity_loss
+
+            return gathered_multi_similarity_loss(embeddings, labels, self.alpha, self.beta, self.base,
+                                                  self.epsilon, self.mining, type(self).__name__)
         return _multi_similarity_loss(
             embeddings, labels, self.alpha, self.beta, self.base, self.epsilon, self.mining,
             type(self).__name__,
@@ -600,5 +614,5 @@ class MultiSimilarityLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha}, beta={self.beta}, base={self.base}, "
-            f"epsilon={self.epsilon}, mining={self.mining}"
+            f"epsilon={self.epsilon}, mining={self.mining}" + (", gather=True" if self.gather else "")
         )

@@ -211,7 +211,7 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
                      ms_beta: float = DEFAULT_MS["beta"], ms_base: float = DEFAULT_MS["base"],
                      ms_epsilon: float = DEFAULT_MS["epsilon"], task: Optional[str] = None,
                      refiner_kwargs: Optional[Dict[str, Any]] = None,
-                     eval_full_loss: bool = False) -> Objective:
+                     eval_full_loss: bool = False, ms_gather: bool = True) -> Objective:
     """Supervised ReFNet objective for MultiBench's ``train`` (and ours).
 
     Args:
@@ -232,6 +232,10 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
         refiner_kwargs: extra arguments for ``RefinerLoss`` (e.g. its contrastive threshold).
         eval_full_loss: in validation (``args['training']`` False) also add the refiner and
             Multi-Similarity terms. Default: False (task loss only; module docstring).
+        ms_gather: under data-parallel training, mine the Multi-Similarity pairs in the
+            global batch of all processes (``MultiSimilarityLoss(gather=True)``), so that W
+            processes train as one process on their concatenated batches. No effect in a
+            single process. Default: True (False: each process's batch on its own).
 
     Returns:
         ``objective(pred, truth, args) -> scalar``, the total loss on ``pred``'s device. Its
@@ -252,7 +256,8 @@ def refnet_objective(task_criterion: Optional[Callable[[Tensor, Tensor], Tensor]
         raise ValueError("ms_weight > 0 needs class labels; Multi-Similarity is undefined for task='regression'")
     criterion = task_criterion if task_criterion is not None else default_criterion(task)
     refiner_term = _RefinerTerm(refiner_loss, refiner_weight, refiner_kwargs)
-    ms_loss = MultiSimilarityLoss(alpha=ms_alpha, beta=ms_beta, base=ms_base, epsilon=ms_epsilon) if ms_weight > 0 else None
+    ms_loss = MultiSimilarityLoss(alpha=ms_alpha, beta=ms_beta, base=ms_base, epsilon=ms_epsilon,
+                                  gather=ms_gather) if ms_weight > 0 else None
     who = "refnet_objective"
 
     def objective(pred: Tensor, truth: Tensor, args: Optional[MutableMapping[str, Any]]) -> Tensor:

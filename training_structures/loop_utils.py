@@ -46,6 +46,7 @@ from multizoo_ext.validation import check_finite
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "solver_stats",
     "BestKeeper",
     "NonFiniteLossError",
     "batch_inputs",
@@ -273,3 +274,30 @@ class BestKeeper:
             return "no epoch had finished, so no weights were kept"
         where = f"saved at {self.checkpoint}" if self.checkpoint else "kept in memory only (save=None)"
         return f"the weights of epoch {self.best_epoch} (best, score {self.best:.6g}) were kept, {where}"
+
+
+def solver_stats(model: nn.Module, reduce_sum: Optional[Any] = None,
+                 reduce_max: Optional[Any] = None) -> Dict[str, float]:
+    """Convergence of the equilibrium solvers in ``model`` since the last call (modules with a
+    ``convergence_stats(reset=True)`` method, e.g. DEQ fusion), as history entries:
+    ``train_solver_converged`` (fraction of samples whose forward solve met its tolerance)
+    and ``train_solver_max_residual``; empty without such a module. Resets the counts.
+
+    Args:
+        reduce_sum, reduce_max: ``f(*numbers) -> list`` combining the counts of all processes
+            (``distributed.all_reduce_sum`` / ``all_reduce_max``); None: this process only.
+    """
+    stats = [m.convergence_stats(reset=True) for m in model.modules()
+             if callable(getattr(m, "convergence_stats", None))]
+    if not stats:
+        return {}
+    samples = float(sum(int(s.get("samples", 0)) for s in stats))
+    converged = float(sum(int(s.get("converged", 0)) for s in stats))
+    worst = max(float(s.get("max_residual", 0.0)) for s in stats)
+    if reduce_sum is not None:
+        samples, converged = reduce_sum(samples, converged)
+    if reduce_max is not None:
+        (worst,) = reduce_max(worst)
+    if samples == 0:
+        return {}
+    return {"train_solver_converged": converged / samples, "train_solver_max_residual": worst}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from multizoo_ext.registry import create_objective
+from multizoo_ext.training_structures import distributed
 from multizoo_ext.training_structures.loop_utils import (
     BestKeeper,
     NonFiniteLossError,
@@ -63,10 +64,12 @@ class PretrainResult:
 def _run_epoch(model: MMDL, loader, objective, n_mod: int, is_packed: bool, input_to_float: bool,
                dev: torch.device, check_inputs: bool, optimizer=None, clip_val: float = 8.0,
                extra_params: Sequence[nn.Parameter] = (), *, split: str = "train",
-               on_nonfinite: Optional[Callable[[float, str, int], None]] = None) -> float:
+               on_nonfinite: Optional[Callable[[float, str, int], None]] = None,
+               sync: Optional[distributed.GradientSync] = None) -> float:
     """One pass over ``loader`` (training when ``optimizer`` is given); mean loss per sample.
     ``on_nonfinite(value, where, batch)`` is called (and should raise) when the loss is NaN/Inf."""
     training = optimizer is not None
+    net = sync.forward_module if sync is not None and training else model
     model.train(training)
     total, n = 0.0, 0
     with torch.set_grad_enabled(training):
@@ -80,7 +83,7 @@ def _run_epoch(model: MMDL, loader, objective, n_mod: int, is_packed: bool, inpu
                     raise ValueError(f"{where}: the model has {n_mod} encoders but the batch holds {len(batch)} "
                                      "tensors")
                 inputs = batch[:n_mod]  # a label after the modalities, if any, is ignored
-            out = model(batch_inputs(inputs, is_packed, input_to_float, dev, check_inputs, where))
+            out = net(batch_inputs(inputs, is_packed, input_to_float, dev, check_inputs, where))
             args = {"model": model, "reps": model.reps, "fused": model.fuseout, "inputs": inputs,
                     "training": training}
             loss = objective(out, None, args)
@@ -93,6 +96,8 @@ def _run_epoch(model: MMDL, loader, objective, n_mod: int, is_packed: bool, inpu
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if sync is not None:
+                    sync.after_backward()
                 torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(extra_params), clip_val)
                 optimizer.step()
             bsz = out.shape[0]
@@ -100,6 +105,8 @@ def _run_epoch(model: MMDL, loader, objective, n_mod: int, is_packed: bool, inpu
             n += bsz
     if n == 0:
         raise ValueError(f"the {split} dataloader yielded no batches")
+    if distributed.is_sharded(loader):
+        total, n = distributed.all_reduce_sum(total, n)
     return total / n
 
 
@@ -145,7 +152,8 @@ def pretrain(encoders: Sequence[nn.Module], fusion: nn.Module, train_dataloader,
     check_loop_modules(encoders, fusion, None, additional_optimizing_modules)
     if objective is not None and not callable(objective):
         raise TypeError(f"objective must be a callable (pred, truth, args) -> loss, got {objective!r}")
-    dev = resolve_device(device)
+    multi = distributed.init_from_env()  # torchrun with WORLD_SIZE > 1: join the process group
+    dev = distributed.local_device(device) if multi else resolve_device(device)
     check_loader(train_dataloader, "train_dataloader")
     if valid_dataloader is not None:
         check_loader(valid_dataloader, "valid_dataloader")
@@ -158,8 +166,16 @@ def pretrain(encoders: Sequence[nn.Module], fusion: nn.Module, train_dataloader,
     params = trainable_parameters([model] + extra)
     optimizer = optimtype(params, lr=lr, weight_decay=weight_decay)
     n_mod = len(model.encoders)
+    sync = None
+    if multi:
+        sync = distributed.GradientSync(model, extra, distributed.default_strategy(), dev)
+        train_dataloader = distributed.distributed_loader(train_dataloader, seed or 0)
+        if valid_dataloader is not None:
+            valid_dataloader = distributed.distributed_loader(valid_dataloader, seed or 0)
+        distributed.silence_unless_main(logger)
+        progress = progress if distributed.is_main() else False
     history: List[Dict[str, float]] = []
-    keeper = BestKeeper(model, extra, save, higher_better=False)
+    keeper = BestKeeper(model, extra, save if distributed.is_main() else None, higher_better=False)  # rank 0 writes
     result = PretrainResult(model=model)
 
     def finish() -> PretrainResult:
@@ -180,9 +196,13 @@ def pretrain(encoders: Sequence[nn.Module], fusion: nn.Module, train_dataloader,
 
         t0 = time.perf_counter()
         row: Dict[str, float] = {"epoch": epoch}
+        if sync is not None:
+            distributed.set_epoch(train_dataloader, epoch)
         row["train_loss"] = _run_epoch(model, train_dataloader, objective, n_mod, is_packed, input_to_float, dev,
                                        check_inputs, optimizer, clip_val, extra_params,
-                                       split=f"epoch {epoch}, train", on_nonfinite=stop)
+                                       split=f"epoch {epoch}, train", on_nonfinite=stop, sync=sync)
+        if sync is not None:
+            sync.sync_buffers()
         if valid_dataloader is not None:
             row["valid_loss"] = _run_epoch(model, valid_dataloader, objective, n_mod, is_packed, input_to_float,
                                            dev, check_inputs, split=f"epoch {epoch}, valid", on_nonfinite=stop)
@@ -192,8 +212,12 @@ def pretrain(encoders: Sequence[nn.Module], fusion: nn.Module, train_dataloader,
         bar.set_postfix(loss=f"{row['train_loss']:.4f}")
         logger.info("pre-training epoch %d loss %.4f%s", epoch, row["train_loss"],
                     f" valid {row['valid_loss']:.4f}" if "valid_loss" in row else "")
+        if sync is not None:  # rank 0's score: the same decisions on every rank
+            score = distributed.broadcast_object(score)
         improved = keeper.update(epoch, score, {"stage": "pretrain", "fusion": type(model.fuse).__name__,
                                                 "valid_loss": row.get("valid_loss")})
+        if sync is not None and improved and save is not None:
+            distributed.barrier()  # the checkpoint is complete before any rank goes on
         bad = 0 if improved else bad + 1
         if early_stop and bad > patience:
             break

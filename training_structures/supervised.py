@@ -35,8 +35,10 @@ from torch import nn
 
 from multizoo_ext.metrics import SELECTION_METRIC, compute_metrics, multibench_view
 from multizoo_ext.tasks import check_labels, check_task, prepare_truth
+from multizoo_ext.training_structures import distributed
 from multizoo_ext.training_structures.loop_utils import (
     BestKeeper,
+    solver_stats,
     NonFiniteLossError,
     batch_inputs,
     check_loader,
@@ -156,9 +158,10 @@ def evaluate(model: nn.Module, loader: Iterable, task: str = "classification", o
     check_task(task)
     check_loader(loader, f"the {split} dataloader")
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    sharded = distributed.is_sharded(loader)  # one process's share: gathered below
     was_training = model.training
     model.eval()
-    outs, truths, total, n = [], [], 0.0, 0
+    outs, truths, total, n, n_loss = [], [], 0.0, 0, 0
     try:
         for i, batch in enumerate(loader, 1):
             where = f"{split} batch {i}"
@@ -168,8 +171,12 @@ def evaluate(model: nn.Module, loader: Iterable, task: str = "classification", o
             if objective is not None:
                 if objective_args_dict is not None:
                     objective_args_dict.update(reps=model.reps, fused=model.fuseout, inputs=inputs, training=False)
-                loss = deal_with_objective(objective, out, _loss_input(objective, truth, checked), objective_args_dict)
-                total += float(loss) * out.shape[0]
+                pred, label, count = out, _loss_input(objective, truth, checked), out.shape[0]
+                if sharded:  # the loss without the sampler's padding duplicates
+                    count, (pred, label) = distributed.trim_padding(loader, n, pred, label)
+                loss = deal_with_objective(objective, pred, label, objective_args_dict)
+                total += float(loss) * count
+                n_loss += count
             n += out.shape[0]
             outs.append(out.detach().float().cpu())
             truths.append(checked.detach().cpu())
@@ -177,9 +184,14 @@ def evaluate(model: nn.Module, loader: Iterable, task: str = "classification", o
         model.train(was_training)
     if n == 0:
         raise ValueError(f"the {split} dataloader yielded no batches")
-    metrics = compute_metrics(task, torch.cat(truths), torch.cat(outs))
+    pred_all, truth_all = torch.cat(outs), torch.cat(truths)
+    if sharded:  # every process's outputs, in the sampler's order, padding dropped
+        pred_all, truth_all = distributed.gather_predictions(pred_all, truth_all, loader)
+        total, n_loss = distributed.all_reduce_sum(total, n_loss)
+        n = len(truth_all)
+    metrics = compute_metrics(task, truth_all, pred_all)
     if objective is not None:
-        metrics["loss"] = total / n
+        metrics["loss"] = total / n_loss
     metrics["n"] = n
     return metrics
 
@@ -266,13 +278,22 @@ def train(
     _check_train_args(encoders, fusion, head, additional_optimizing_modules, task, objective, objective_args_dict,
                       fusion_lr_mult, total_epochs=total_epochs, lr=lr, weight_decay=weight_decay,
                       patience=patience, clip_val=clip_val, optimtype=optimtype, seed=seed, save=save)
-    dev = resolve_device(device)
+    multi = distributed.init_from_env()  # torchrun with WORLD_SIZE > 1: join the process group
+    dev = distributed.local_device(device) if multi else resolve_device(device)
     check_loader(train_dataloader, "train_dataloader")
     check_loader(valid_dataloader, "valid_dataloader")
     if seed is not None:
         seed_everything(seed)
     model = MMDL(encoders, fusion, head, has_padding=is_packed).to(dev)
     extra = [m.to(dev) for m in additional_optimizing_modules]
+    sync, net = None, model  # net: what the training forward calls (the DDP wrapper under torchrun)
+    if multi:
+        sync = distributed.GradientSync(model, extra, distributed.default_strategy(), dev)
+        net = sync.forward_module
+        train_dataloader = distributed.distributed_loader(train_dataloader, seed or 0)
+        valid_dataloader = distributed.distributed_loader(valid_dataloader, seed or 0)
+        distributed.silence_unless_main(logger)
+        progress = progress if distributed.is_main() else False
 
     fusion_params = trainable_parameters([model.fuse])
     fusion_ids = {id(p) for p in fusion_params}
@@ -284,7 +305,7 @@ def train(
     n_params = sum(p.numel() for p in trainable_parameters([model] + extra))
 
     metric_name, higher_better = SELECTION_METRIC[task]
-    keeper = BestKeeper(model, extra, save, higher_better)
+    keeper = BestKeeper(model, extra, save if distributed.is_main() else None, higher_better)  # rank 0 writes
     base_config = {"task": task, "parameters": n_params, "encoders": [type(e).__name__ for e in model.encoders],
                    "fusion": type(model.fuse).__name__, "head": type(model.head).__name__, **(config or {})}
     history: List[Dict[str, float]] = []
@@ -303,11 +324,13 @@ def train(
         t0 = time.perf_counter()
         model.train()
         total, n = 0.0, 0
+        if sync is not None:
+            distributed.set_epoch(train_dataloader, epoch)
         for i, batch in enumerate(train_dataloader, 1):
             where = f"epoch {epoch}, train batch {i}"
             inputs, truth = split_batch(batch, where)
             optimizer.zero_grad(set_to_none=True)
-            out = model(batch_inputs(inputs, is_packed, input_to_float, dev, check_inputs, where))
+            out = net(batch_inputs(inputs, is_packed, input_to_float, dev, check_inputs, where))
             checked = check_labels(truth, task, where=where, pred_shape=out.shape)
             if objective_args_dict is not None:
                 objective_args_dict.update(reps=model.reps, fused=model.fuseout, inputs=inputs,
@@ -322,20 +345,33 @@ def train(
                     f"{keeper.describe()}; lower the learning rate, check the inputs, or clip harder "
                     f"(clip_val={clip_val})", result, epoch, i)
             loss.backward()
+            if sync is not None:
+                sync.after_backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_val)
             optimizer.step()
             total += loss_value * out.shape[0]
             n += out.shape[0]
         if n == 0:
             raise ValueError("train_dataloader yielded no batches")
+        if sync is not None:
+            total, n = distributed.all_reduce_sum(total, n)
+            sync.sync_buffers()
+        # equilibrium fusions: how many training samples converged (over all processes)
+        solver = solver_stats(model, distributed.all_reduce_sum, distributed.all_reduce_max) if sync is not None \
+            else solver_stats(model)
         t_valid = time.perf_counter()
         valid = evaluate(model, valid_dataloader, task, objective, objective_args_dict, is_packed,
                          input_to_float, dev, check_inputs, split=f"epoch {epoch}, valid")
+        solver_stats(model)  # validation forwards are not counted
         row = {"epoch": epoch, "train_loss": total / n, "seconds": time.perf_counter() - t0,
-               **{f"valid_{k}": v for k, v in valid.items() if k != "n"}}
+               **{f"valid_{k}": v for k, v in valid.items() if k != "n"}, **solver}
         history.append(row)
         score = valid[metric_name]
+        if sync is not None:  # rank 0's score: the same decisions on every rank
+            score = distributed.broadcast_object(score)
         improved = keeper.update(epoch, score, {**base_config, metric_name: score})
+        if sync is not None and improved and save is not None:
+            distributed.barrier()  # the checkpoint is complete before any rank goes on
         logger.info("epoch %d train loss %.4f valid %s %.4f%s", epoch, row["train_loss"], metric_name, score,
                     " (best)" if improved else "")
         if auprc:

@@ -197,3 +197,27 @@ def test_seed_makes_runs_repeatable():
         return train(*parts(), tr, va, 2, save=None, seed=5).history[-1]["train_loss"]
 
     assert run() == run()
+
+
+def test_history_counts_deq_convergence():
+    """DEQ non-convergence reaches the training history (fraction of training samples whose
+    forward solve met the tolerance, and the largest residual)."""
+    import torch
+    from torch import nn
+
+    from multizoo_ext.fusions import DEQFusion
+    from multizoo_ext.objectives import deq_objective
+    from multizoo_ext.training_structures import train
+
+    torch.manual_seed(0)
+    data = [[torch.randn(16, 4), torch.randn(16, 4), torch.randint(0, 2, (16,))] for _ in range(3)]
+    fusion = DEQFusion([4, 4], width=8, f_max_iter=3)  # a cap too low to converge
+    res = train([nn.Identity(), nn.Identity()], fusion, nn.Linear(8, 2), data, data, 2, save=None,
+                progress=False, objective=deq_objective(), objective_args_dict={})
+    for row in res.history:
+        assert 0.0 <= row["train_solver_converged"] < 1.0 and row["train_solver_max_residual"] > 1e-3
+    from multizoo_ext.fusions import Concat
+
+    res = train([nn.Identity(), nn.Identity()], Concat([4, 4]), nn.Linear(8, 2), data, data, 1, save=None,
+                progress=False)
+    assert "train_solver_converged" not in res.history[0]
