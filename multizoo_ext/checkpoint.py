@@ -11,6 +11,7 @@ checkpoints (a bare state_dict beside a JSON file). Files get the usual permissi
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -83,6 +84,8 @@ def save_checkpoint(path: PathLike, state: Union[nn.Module, Dict[str, torch.Tens
     Raises:
         ValueError: ``path`` ends in ``.json`` (the config's name).
         TypeError: ``config`` is not a dict.
+        OSError: the folder is not writable or the disk is full (the previous checkpoint at
+            ``path``, if any, is left whole).
     """
     path = Path(path)
     if path.suffix.lower() == ".json":
@@ -94,7 +97,10 @@ def save_checkpoint(path: PathLike, state: Union[nn.Module, Dict[str, torch.Tens
     sd = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
     text = json.dumps(config or {}, indent=2, sort_keys=True, default=str)
     cfg = json.loads(text)  # exactly what the JSON copy says
-    atomic_write(path, lambda fh: torch.save({"format": FORMAT, "state_dict": sd, "config": cfg}, fh))
+    buf = io.BytesIO()  # serialised in memory, so a full disk is a plain OSError from the write below
+    torch.save({"format": FORMAT, "state_dict": sd, "config": cfg}, buf)
+    data = buf.getbuffer()
+    atomic_write(path, lambda fh: fh.write(data))
     atomic_write(config_path(path), lambda fh: fh.write(text.encode()))
     return path
 
