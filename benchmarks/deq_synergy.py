@@ -43,13 +43,9 @@ if MULTIBENCH not in sys.path:
 from multizoo_ext.fusions import Concat  # noqa: E402
 from multizoo_ext.fusions.deq import DEQFusion  # noqa: E402
 
-try:   # DEQFusion's internals: the fusions/deq/ package, or the single module it was before
-    from multizoo_ext.fusions.deq import fusion as deq_module  # noqa: E402
-except ImportError:
-    from multizoo_ext.fusions import deq as deq_module  # noqa: E402
+from multizoo_ext.fusions.deq import fusion as deq_module  # noqa: E402  (DEQFusion's internals)
+
 _group_norm = deq_module._group_norm
-#: the module-level map takes the raw inputs (package layout) or (x, x_f) (single module)
-_MAP_TAKES_INPUTS = hasattr(deq_module._FusionMap, "fused")
 from multizoo_ext.objectives import deq_objective  # noqa: E402
 
 WIDTH = 32
@@ -86,8 +82,7 @@ class _PatchedMap(deq_module._FusionMap):
         groups = 1 if self.out_norm == "ln" else self.groups
         return _group_norm(h, groups, *self.gnf, self.eps)
 
-    _fuse = _norm_fused    # the name in the single-module layout
-    fused = _norm_fused    # the name in the package layout
+    fused = _norm_fused
 
 
 class DEQVariant(DEQFusion):
@@ -103,16 +98,17 @@ class DEQVariant(DEQFusion):
 
     def __init__(self, input_dims: Sequence[int], width: Optional[int] = None, *, out_norm: str = "gn",
                  gate_init: Optional[str] = None, injection: str = "sum", output: str = "zf", **kw) -> None:
-        super().__init__(input_dims, width, **kw)
-        self.out_norm, self.injection, self.output = out_norm, injection, output
+        # gate 'zero' and the projected injection are DEQFusion's own options (its defaults);
+        # None / 'sum' give the published layer
+        super().__init__(input_dims, width, gate_init="zero" if gate_init == "zero" else "default",
+                         injection=injection, **kw)
+        self.out_norm, self.output = out_norm, output
         M, d = self.num_modalities, self.width
-        gate = self.fusion_block.gate
-        if gate_init in ("zero", "one"):
+        if gate_init == "one":
+            gate = self.fusion_block.gate
             with torch.no_grad():
                 gate.weight.zero_()
-                gate.bias.fill_(0.0 if gate_init == "zero" else 1.0 / M)
-        if injection == "proj":
-            self.inj_proj = nn.Linear(M * d, d)
+                gate.bias.fill_(1.0 / M)
         self.out_dim = {"zf": d, "zf+xf": d, "cat": (M + 1) * d}[output]
 
     def _injections(self, inputs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -120,18 +116,11 @@ class DEQVariant(DEQFusion):
         flat = [torch.flatten(t, 1) for t in inputs]
         x = torch.stack([p(t) for p, t in zip(self.projections, flat)], 1)
         if self.injection == "proj":
-            return x, self.inj_proj(x.flatten(1))
+            return x, self.injection_proj(x.flatten(1))
         return x, torch.einsum("m,bmd->bd", self.weights, x) + self.bias
 
     def deq_function(self, inputs):
-        if _MAP_TAKES_INPUTS:
-            fmap = _PatchedMap(self, self._check(inputs))
-            if self.injection == "proj":
-                fmap.inj_f = self._injections(inputs)[1] + self.fusion_block.fuse.bias
-                fmap._rows = deq_module._Rows(fmap.inj, fmap.inj_f)
-        else:
-            self._check(inputs)
-            fmap = _PatchedMap(self, *self._injections(inputs))
+        fmap = _PatchedMap(self, self._check(inputs))
         fmap.out_norm = self.out_norm
         return fmap
 
@@ -150,7 +139,9 @@ class DEQVariant(DEQFusion):
 #: name -> (DEQVariant kwargs or None for Concat, Jacobian weight, fusion lr multiplier, description)
 VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     "concat": (None, 0.0, 1.0, "Concat (reference point)"),
-    "deq": ({}, 0.1, 1.0, "baseline: paper's DEQFusion, jac 0.1, uniform lr"),
+    "deq": ({}, 0.1, 1.0, "baseline: the published layer (fusion 'deq_paper'), jac 0.1, uniform lr"),
+    "deq_default": ({"gate_init": "zero", "injection": "proj"}, 0.1, 1.0,
+                    "the package's default layer (fusion 'deq'): gate at zero + projected injection"),
     # (a) gate / fused-state initialisation
     "a_gate_one": ({"gate_init": "one"}, 0.1, 1.0, "W_g = 0, bias: sum_i a_i = 1 at init"),
     "a_gate_zero": ({"gate_init": "zero"}, 0.1, 1.0, "W_g = 0 and bias 0: z_f' = GN(ReLU(x_f + b_f)) at init"),
