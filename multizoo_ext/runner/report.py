@@ -17,7 +17,7 @@ import numpy as np
 
 from multizoo_ext.runner.config import BASELINES, LOGREG, SINGLE_MODALITY, BenchmarkConfig
 
-__all__ = ["summarize", "format_markdown", "make_plots", "runs_csv", "summary_csv", "TABLE_METRICS",
+__all__ = ["summarize", "format_markdown", "make_plots", "convergence_plots", "runs_csv", "summary_csv", "TABLE_METRICS",
            "ROBUSTNESS_MEASURE"]
 
 logger = logging.getLogger(__name__)
@@ -276,6 +276,51 @@ def make_plots(summary: Sequence[Dict[str, Any]], out_dir: Path,
     return paths
 
 
+
+
+def convergence_plots(runs: Sequence[Dict[str, Any]], out_dir: Path) -> List[Path]:
+    """Per dataset with an equilibrium fusion (runs whose history records
+    ``train_solver_converged``), the fraction of training samples whose forward solve met its
+    tolerance, per epoch, mean ± std over seeds per method (``<dataset>_convergence.png``).
+
+    Returns:
+        the written paths; empty without such runs or without matplotlib.
+    """
+    curves: Dict[str, Dict[str, List[List[float]]]] = {}
+    for run in runs:
+        history = run.get("history") or []
+        values = [h.get("train_solver_converged") for h in history]
+        if run.get("status") == "ok" and values and all(v is not None for v in values):
+            label = run.get("variant") or run["method"]
+            curves.setdefault(run["dataset"], {}).setdefault(label, []).append([float(v) for v in values])
+    if not curves:
+        return []
+    try:
+        from matplotlib.figure import Figure  # lazy: matplotlib is an optional extra
+    except ImportError:
+        return []
+    paths: List[Path] = []
+    for dataset, methods in curves.items():
+        fig = Figure(figsize=(5.0, 3.4), layout="constrained")
+        ax = fig.subplots()
+        for label, seeds in methods.items():
+            n = min(len(c) for c in seeds)
+            arr = np.asarray([c[:n] for c in seeds], dtype=float)  # (seeds, epochs)
+            mean, std = arr.mean(0), arr.std(0)
+            epochs = np.arange(1, n + 1)
+            ax.plot(epochs, mean, marker="o", ms=3, label=label)
+            ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+            ax.annotate(f"{mean[-1]:.2f}", (epochs[-1], mean[-1]), fontsize=7, xytext=(3, 0),
+                        textcoords="offset points")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training samples converged")
+        ax.set_ylim(*axis_range([0.0], [1.0], pad=0.05))
+        ax.legend(fontsize=7)
+        ax.set_title(f"{dataset}: equilibrium solver convergence (mean ± std over seeds)", fontsize=9)
+        path = Path(out_dir) / f"{_safe_name(dataset)}_convergence.png"
+        fig.savefig(path, dpi=120)
+        paths.append(path)
+    return paths
 
 
 # ----------------------------------------------------------------------------- CSV

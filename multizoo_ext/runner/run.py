@@ -32,8 +32,8 @@ from multizoo_ext.metrics import SELECTION_METRIC, TASKS
 from multizoo_ext.runner.baselines import loader_arrays, logistic_regression, run_single_modality
 from multizoo_ext.runner.config import (BASELINES, LOGREG, SINGLE_MODALITY, BenchmarkConfig, RunSpec, expand_runs,
                                         jsonable, settings_hash)
-from multizoo_ext.runner.report import (ROBUSTNESS_MEASURE, TABLE_METRICS, format_markdown, make_plots, runs_csv,
-                                        summarize, summary_csv)
+from multizoo_ext.runner.report import (ROBUSTNESS_MEASURE, TABLE_METRICS, convergence_plots, format_markdown,
+                                        make_plots, runs_csv, summarize, summary_csv)
 from multizoo_ext.runner.store import ResultsStore, atomic_write_text, move_aside
 from multizoo_ext.training_structures.supervised import test, train
 from multizoo_ext.utils import resolve_device
@@ -427,6 +427,6 @@ def run_benchmark(config: BenchmarkConfig, config_text: Optional[Tuple[str, str]
         name, text = config_text
         paths["source_path"] = out / ("config.source.json" if name.endswith(".json") else "config.source.toml")
         atomic_write_text(paths["source_path"], text)
-    figures = make_plots(summary, out, cfg.references) if cfg.plots else []
+    figures = make_plots(summary, out, cfg.references) + convergence_plots(grid, out) if cfg.plots else []
     return BenchmarkResults(grid, summary=summary, markdown=markdown, figures=figures, moved_to=moved,
                             computed=computed, reused=reused, **paths)

@@ -170,3 +170,15 @@ def test_plot_with_references(grid, tmp_path):
     paths = make_plots(summarize(runs), tmp_path, refs)
     assert sorted(p.name for p in paths) == ["digits_mm_metrics.png", "digits_std_metrics.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_deq_convergence_figure(tmp_path):
+    """A grid with DEQ fusion writes <dataset>_convergence.png from the runs' histories."""
+    pytest.importorskip("matplotlib")
+    from multizoo_ext.runner import BenchmarkConfig, run_benchmark
+
+    runs = run_benchmark(BenchmarkConfig(datasets=["synthetic"], data_kwargs={"synthetic": {"n_samples": 200}},
+                                         fusions=["concat", "deq"], seeds=[0], epochs=2, baselines=False,
+                                         output=str(tmp_path / "b")))
+    names = sorted(p.name for p in runs.figures)
+    assert "synthetic_convergence.png" in names and "synthetic_metrics.png" in names
