@@ -9,9 +9,9 @@ The pickle holds a dict with keys ``"train"``, ``"valid"``, ``"test"``; each is 
 
 Processing, following MultiBench's ``Affectdataset`` in its fixed-length (``max_pad``) mode:
 
-1. non-finite feature values are replaced by 0 (MultiBench sets the audio's ``-inf`` to 0;
-   here every NaN/+-inf of every modality is, with a WARNING log line giving the count; this
-   is the one loader that cleans non-finite features instead of refusing them, for parity);
+1. non-finite feature values: ``nonfinite="zero"`` (default, MultiBench's processing: its
+   MOSI audio holds ``-inf``) replaces every NaN/+-inf of every modality by 0 with a visible
+   warning giving the count; ``nonfinite="error"`` refuses them, as every other loader does;
 2. samples whose text is all zeros are dropped (MultiBench's ``drop_entry``);
 3. ``aligned=True``: the leading padding is cut at the first time step where the text is
    non-zero, for all three modalities (``aligned=False``: each modality at its own first
@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -105,7 +106,8 @@ def _labels(raw: Any, n: int, where: str) -> np.ndarray:
 
 
 def _process_split(split: Mapping[str, Any], where: str, max_seq_len: int, aligned: bool,
-                   drop_empty_text: bool, z_norm: bool) -> Tuple[List[np.ndarray], List[np.ndarray], np.ndarray]:
+                   drop_empty_text: bool, z_norm: bool, nonfinite: str = "zero"
+                   ) -> Tuple[List[np.ndarray], List[np.ndarray], np.ndarray]:
     """One split's dict -> (3 arrays (N', L, d), 3 length arrays (N',), labels (N',))."""
     if not isinstance(split, Mapping):
         raise ValueError(f"affect split {where!r} must be a dict with vision/audio/text/labels, "
@@ -120,8 +122,13 @@ def _process_split(split: Mapping[str, Any], where: str, max_seq_len: int, align
             raise ValueError(f"affect {where} {k!r} must have shape (N, T, d), got {x.shape}")
         bad = ~np.isfinite(x)
         if bad.any():
-            logger.warning("affect %s %s: replacing %d NaN/Inf value(s) with 0 (MultiBench's processing)",
-                           where, k, int(bad.sum()))
+            if nonfinite == "error":
+                raise ValueError(f"affect {where} {k!r} contains {int(bad.sum())} NaN/Inf value(s); pass "
+                                 "nonfinite='zero' to replace them by 0 as MultiBench does")
+            msg = (f"affect {where} {k!r}: replacing {int(bad.sum())} NaN/Inf value(s) with 0 (MultiBench's "
+                   "processing; nonfinite='error' refuses them)")
+            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
             x = np.where(bad, np.float32(0.0), x)
         mods.append(x)
     rows = [m.shape[0] for m in mods]
@@ -187,6 +194,7 @@ def get_dataloader(
     train_shuffle: bool = True,
     seed: int = 0,
     trust_pickle: bool = False,
+    nonfinite: str = "zero",
 ) -> Loaders:
     """(train, valid, test) DataLoaders of an affect pickle, fixed-length sequences.
 
@@ -207,6 +215,8 @@ def get_dataloader(
             (NumPy arrays, dtypes and builtin containers/scalars only; anything else is refused
             with an error naming it). True: plain ``pickle.load``, for files you trust (warns).
             From the CLI: ``--data-arg trust_pickle=true``.
+        nonfinite: "zero" (default): NaN/Inf features become 0 with a visible warning
+            (MultiBench's processing); "error": refuse them.
 
     Returns:
         ``(train, valid, test)`` yielding ``[vision (B, L, d_v), audio (B, L, d_a),
@@ -222,7 +232,10 @@ def get_dataloader(
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, (int, np.integer)) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     data = load_affect_pickle(filepath, trust_pickle=trust_pickle)
-    parts = {s: _process_split(data[s], s, int(max_seq_len), aligned, drop_empty_text, z_norm) for s in SPLITS}
+    if nonfinite not in ("zero", "error"):
+        raise ValueError(f"nonfinite must be 'zero' or 'error', got {nonfinite!r}")
+    parts = {s: _process_split(data[s], s, int(max_seq_len), aligned, drop_empty_text, z_norm, nonfinite)
+             for s in SPLITS}
     widths = {s: [m.shape[2] for m in parts[s][0]] for s in SPLITS}
     if widths["valid"] != widths["train"] or widths["test"] != widths["train"]:
         raise ValueError(f"affect feature widths (vision, audio, text) differ across splits: {widths}")

@@ -210,3 +210,14 @@ def test_not_a_pickle(tmp_path):
     path.write_bytes(b"\x80\x04junk")
     with pytest.raises(ValueError, match="is not a readable pickle"):
         get_dataloader(path)
+
+
+def test_nonfinite_features_are_replaced_visibly_or_refused(tmp_path):
+    path = tmp_path / "mosi.pkl"
+    _write(path)
+    with pytest.warns(RuntimeWarning, match="replacing 1 NaN/Inf value"):
+        get_dataloader(path, max_seq_len=5)
+    with pytest.raises(ValueError, match="contains 1 NaN/Inf value.*nonfinite='zero'"):
+        get_dataloader(path, max_seq_len=5, nonfinite="error")
+    with pytest.raises(ValueError, match="nonfinite must be"):
+        get_dataloader(path, nonfinite="drop")
