@@ -119,6 +119,10 @@ def check_search_space(space: Any, cfg: BenchmarkConfig) -> Dict[str, Any]:
                              f"{{log_uniform|uniform = [low, high]}} table, got {dist!r}")
         for value in values:  # every value (or bound) must be a valid setting
             _check_value(cfg, key, value)
+    both = [k for k in cfg.sweep if k in out or (k == "logreg_cs" and LOGREG_KEY in out)]
+    if cfg.search_trials and both:
+        raise ValueError(f"sweep axis {both[0]!r} is also a search_space key (or the same setting); a setting is "
+                         "either swept or searched, not both")
     return out
 
 
