@@ -132,9 +132,11 @@ def _settings_line(cfg: BenchmarkConfig) -> str:
             f"weight decay {cfg.weight_decay:g}, encoder {cfg.encoder} (hidden {cfg.hidden}, embedding "
             f"{cfg.embed_dim}), {head}; test metrics of the epoch with the best validation score.")
     if cfg.baselines:
+        searched_c = bool(cfg.search_trials) and LOGREG_KEY in (cfg.search_space or {})
+        cs = "C from the search (below)" if searched_c else \
+            f"C in {{{', '.join(f'{c:g}' for c in cfg.logreg_cs)}}} chosen on validation"
         line += (" Baselines: the same encoder + head on each modality alone (best by validation), and "
-                 f"logistic regression on standardised concatenated features with C in "
-                 f"{{{', '.join(f'{c:g}' for c in cfg.logreg_cs)}}} chosen on validation.")
+                 f"logistic regression on standardised concatenated features with {cs}.")
     if cfg.sweep:
         axes = "; ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in cfg.sweep.items())
         line += f" Sweep: {axes} (every combination is its own row, labelled [setting=value])."
