@@ -261,6 +261,15 @@ def all_reduce_sum(*values: float, device: Union[None, str, torch.device] = None
     return buf.tolist()
 
 
+def all_reduce_max(*values: float, device: Union[None, str, torch.device] = None) -> List[float]:
+    """Maximum of Python numbers over the processes (one collective); unchanged in a single process."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    buf = torch.tensor(values, dtype=torch.float64, device=_comm_device(device))
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return buf.tolist()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every process (picklable objects; unchanged in a single process)."""
     if not is_distributed():

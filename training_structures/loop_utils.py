@@ -276,16 +276,28 @@ class BestKeeper:
         return f"the weights of epoch {self.best_epoch} (best, score {self.best:.6g}) were kept, {where}"
 
 
-def solver_stats(model: nn.Module) -> Dict[str, float]:
+def solver_stats(model: nn.Module, reduce_sum: Optional[Any] = None,
+                 reduce_max: Optional[Any] = None) -> Dict[str, float]:
     """Convergence of the equilibrium solvers in ``model`` since the last call (modules with a
     ``convergence_stats(reset=True)`` method, e.g. DEQ fusion), as history entries:
     ``train_solver_converged`` (fraction of samples whose forward solve met its tolerance)
-    and ``train_solver_max_residual``; empty without such a module. Resets the counts."""
+    and ``train_solver_max_residual``; empty without such a module. Resets the counts.
+
+    Args:
+        reduce_sum, reduce_max: ``f(*numbers) -> list`` combining the counts of all processes
+            (``distributed.all_reduce_sum`` / ``all_reduce_max``); None: this process only.
+    """
     stats = [m.convergence_stats(reset=True) for m in model.modules()
              if callable(getattr(m, "convergence_stats", None))]
-    samples = sum(int(s.get("samples", 0)) for s in stats)
-    if not stats or samples == 0:
+    if not stats:
         return {}
-    converged = sum(int(s.get("converged", 0)) for s in stats)
-    return {"train_solver_converged": converged / samples,
-            "train_solver_max_residual": max(float(s.get("max_residual", 0.0)) for s in stats)}
+    samples = float(sum(int(s.get("samples", 0)) for s in stats))
+    converged = float(sum(int(s.get("converged", 0)) for s in stats))
+    worst = max(float(s.get("max_residual", 0.0)) for s in stats)
+    if reduce_sum is not None:
+        samples, converged = reduce_sum(samples, converged)
+    if reduce_max is not None:
+        (worst,) = reduce_max(worst)
+    if samples == 0:
+        return {}
+    return {"train_solver_converged": converged / samples, "train_solver_max_residual": worst}

@@ -356,7 +356,9 @@ def train(
         if sync is not None:
             total, n = distributed.all_reduce_sum(total, n)
             sync.sync_buffers()
-        solver = solver_stats(model)  # equilibrium fusions: how many training samples converged
+        # equilibrium fusions: how many training samples converged (over all processes)
+        solver = solver_stats(model, distributed.all_reduce_sum, distributed.all_reduce_max) if sync is not None \
+            else solver_stats(model)
         t_valid = time.perf_counter()
         valid = evaluate(model, valid_dataloader, task, objective, objective_args_dict, is_packed,
                          input_to_float, dev, check_inputs, split=f"epoch {epoch}, valid")
