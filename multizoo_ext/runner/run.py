@@ -1,6 +1,8 @@
 """:func:`run_benchmark`: run (or resume) a grid of datasets x sweep points x seeds x methods.
 
-Every run is independent and reproducible: it seeds everything from its own seed, builds
+With a search stage, the trials of every method run first (the same number for each,
+scored on validation only; :mod:`multizoo_ext.runner.search`), then the seeded runs at each
+method's best trial's settings. Every run is independent and reproducible: it seeds everything from its own seed, builds
 its own data loaders (so the training loader's shuffle generator starts afresh) and its own
 model (:func:`multizoo_ext.builder.build_method`, the method's registered recipe with the
 config's overrides on top). A run's result therefore depends only on its settings, not on
@@ -337,8 +339,8 @@ def _worker(run: RunSpec, folder: str, device: str, threads: Optional[int]) -> T
 # ----------------------------------------------------------------------------- the grid
 class BenchmarkResults(list):
     """What :func:`run_benchmark` returns: the list of run entries (dicts, see
-    :data:`RUN_KEYS`) of the configured grid, reused and new, in grid order, with extra
-    attributes.
+    :data:`RUN_KEYS`) of the configured grid, reused and new, in grid order (search trials
+    first), with extra attributes.
 
     Attributes:
         summary: :func:`summarize` of the entries (means/stds, curves: the plotted data).
@@ -426,7 +428,10 @@ def _start_method() -> str:
 
 
 def run_benchmark(config: BenchmarkConfig, config_text: Optional[Tuple[str, str]] = None) -> BenchmarkResults:
-    """Run (or resume) the grid ``datasets x sweep points x seeds x (fusions + baselines)``.
+    """Run (or resume) the grid ``datasets x sweep points x seeds x (fusions + baselines)``;
+    with ``search_trials > 0``, first the search stage (:mod:`multizoo_ext.runner.search`:
+    the same number of trials for every method, scored on validation) and then every seed at
+    each method's chosen settings.
 
     Every run is written to its own file in ``<output>/runs/`` as it finishes (atomically:
     see :mod:`multizoo_ext.runner.store`), and ``results.json`` (index of every run in the
@@ -441,8 +446,9 @@ def run_benchmark(config: BenchmarkConfig, config_text: Optional[Tuple[str, str]
             beside the results as given.
 
     Returns:
-        :class:`BenchmarkResults`: the entries of this grid (``list`` of dicts) with the
-        summary, Markdown and paths.
+        :class:`BenchmarkResults`: the entries of this grid (``list`` of dicts: the search
+        trials first, ``stage == "search"``, then the seeded runs) with the summary, Markdown
+        and paths.
 
     Raises:
         ValueError: a bad config or an unreadable single-file ``results.json``; with
