@@ -1,4 +1,4 @@
-"""DEQ fusion measurements (issue 4, item 5): speed vs the authors' code, memory, convergence.
+"""DEQ fusion measurements: speed vs the authors' code, memory, convergence.
 
 Three parts, all on the CPU with a fixed ``torch.set_num_threads``:
 

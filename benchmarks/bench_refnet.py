@@ -1,4 +1,4 @@
-"""ReFNet measurements (issue 3, item 6): accuracy, detach option, label efficiency, kNN graph.
+"""ReFNet measurements: accuracy, detach option, label efficiency, kNN graph.
 
 Everything runs on the CPU with one thread, small MLP encoders and the project's own loops
 (``multizoo_ext.training_structures.supervised.train`` / ``test`` and

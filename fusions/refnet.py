@@ -112,6 +112,11 @@ class ReFNet(nn.Module):
             the fused embeddings a little and scored 0.693 vs 0.715 accuracy: consider
             ``True`` for label-free pre-training with ``mse``. Raw-input targets never carry
             a gradient.
+        modality_dropout: probability, per training sample, that ONE modality (drawn
+            uniformly) is replaced by zeros in what the inner fusion receives; the targets
+            stay the unmasked embeddings (or raw inputs), so that modality's refiner must
+            predict it from the others (cross-modal reconstruction). Training mode only; set
+            it to 0 before fine-tuning if it should act in pre-training only. Default: 0.0.
 
     Shapes:
         ``forward([(B, d_1), ..., (B, d_M)]) -> (B, fused_dim)``; inputs ``(B, ...)`` whose
@@ -126,8 +131,10 @@ class ReFNet(nn.Module):
     def __init__(self, fusion: nn.Module, modality_dims: Sequence[int], fused_dim: Optional[int] = None,
                  hidden_dim: Optional[int] = None, dropout: float = DEFAULT_REFINER_DROPOUT,
                  target: str = "embedding", input_dims: Optional[Sequence[int]] = None,
-                 detach_targets: bool = DEFAULT_DETACH_TARGETS) -> None:
+                 detach_targets: bool = DEFAULT_DETACH_TARGETS, modality_dropout: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= float(modality_dropout) < 1.0:
+            raise ValueError(f"ReFNet: modality_dropout must be in [0, 1), got {modality_dropout}")
         if not isinstance(fusion, nn.Module):
             raise TypeError(f"ReFNet wraps a fusion nn.Module, got {type(fusion).__name__}")
         self.modality_dims = _positive_ints(modality_dims, "modality_dims")
@@ -163,6 +170,7 @@ class ReFNet(nn.Module):
         self.target = target
         self.input_dims = raw_dims
         self.detach_targets = bool(detach_targets)
+        self.modality_dropout = float(modality_dropout)
         self.target_dims: List[int] = list(raw_dims if raw_dims is not None else self.modality_dims)
         self.refiners = nn.ModuleList(
             Refiner(fused_dim, d, hidden_dim, float(dropout)) for d in self.target_dims)
@@ -232,7 +240,7 @@ class ReFNet(nn.Module):
         """
         self._check_last_step()
         flat = check_fusion_inputs(inputs, "ReFNet", self.modality_dims, parameter_dtype(self.refiners))  # (B, d_i)
-        out = self.fusion(inputs)
+        out = self.fusion(self._mask(inputs) if self.training and self.modality_dropout > 0 else inputs)
         if isinstance(out, tuple):
             fused = out[0]
             self.last_fusion_output = out
@@ -251,6 +259,17 @@ class ReFNet(nn.Module):
         else:
             self.last_targets = None
         return fused
+
+    def _mask(self, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Zero one uniformly drawn modality of each sample with probability ``modality_dropout``."""
+        b = inputs[0].shape[0]
+        which = torch.randint(self.num_modalities, (b,), device=inputs[0].device)  # (B,)
+        hit = torch.rand(b, device=inputs[0].device) < self.modality_dropout  # (B,)
+        out = []
+        for i, x in enumerate(inputs):
+            keep = ~(hit & (which == i))  # (B,)
+            out.append(x * keep.to(x.dtype).view(-1, *([1] * (x.dim() - 1))))
+        return out
 
     def objective_state(self, batch_size: int, raw_inputs: Optional[Sequence[torch.Tensor]] = None
                         ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
@@ -330,7 +349,8 @@ class ReFNet(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"modality_dims={self.modality_dims}, fused_dim={self.fused_dim}, hidden_dim={self.hidden_dim}, "
-                f"target={self.target!r}, input_dims={self.input_dims}, detach_targets={self.detach_targets}")
+                f"target={self.target!r}, input_dims={self.input_dims}, detach_targets={self.detach_targets}, "
+                f"modality_dropout={self.modality_dropout}")
 
 
 def find_refnet(module: Any) -> Optional[ReFNet]:
@@ -357,7 +377,7 @@ def build_refnet(input_dims: Sequence[int], inner: str = "concat", inner_kwargs:
                  fused_dim: Optional[int] = None, hidden_dim: Optional[int] = None,
                  dropout: float = DEFAULT_REFINER_DROPOUT, target: str = "embedding",
                  raw_input_dims: Optional[Sequence[int]] = None,
-                 detach_targets: bool = DEFAULT_DETACH_TARGETS) -> ReFNet:
+                 detach_targets: bool = DEFAULT_DETACH_TARGETS, modality_dropout: float = 0.0) -> ReFNet:
     """Registry builder: ``create_fusion("refnet", input_dims=[5, 7], inner="lowrank")``.
 
     Args:
@@ -368,9 +388,11 @@ def build_refnet(input_dims: Sequence[int], inner: str = "concat", inner_kwargs:
         inner_kwargs: extra arguments for the inner fusion. Default: none.
         raw_input_dims: flattened raw input widths for ``target='input'`` (ReFNet's
             ``input_dims``).
-        fused_dim, hidden_dim, dropout, target, detach_targets: as in :class:`ReFNet`.
+        fused_dim, hidden_dim, dropout, target, detach_targets, modality_dropout: as in
+            :class:`ReFNet`.
     """
     dims = _positive_ints(input_dims, "input_dims")
     fusion = create_fusion(inner, input_dims=dims, **dict(inner_kwargs or {}))
     return ReFNet(fusion, dims, fused_dim=fused_dim, hidden_dim=hidden_dim, dropout=dropout, target=target,
-                  input_dims=raw_input_dims, detach_targets=detach_targets)
+                  input_dims=raw_input_dims, detach_targets=detach_targets,
+                  modality_dropout=modality_dropout)

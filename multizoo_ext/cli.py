@@ -184,15 +184,17 @@ def _add_benchmark_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] =
 
 
 def _run_benchmark_command(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from multizoo_ext.runner import config_from_args, run_benchmark
     from multizoo_ext.runner.options import source_of
 
-    try:
-        runs = run_benchmark(config_from_args(args), config_text=source_of(args))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    runs = _guarded(lambda a: run_benchmark(config_from_args(a), config_text=source_of(a)), args)
+    if runs is None:
         return 2
     print(runs.markdown)
+    if not getattr(args, "no_plots", False) and importlib.util.find_spec("matplotlib") is None:
+        print("no figures: matplotlib is not installed (pip install 'multizoo-ext[plot]', or pip install matplotlib)")
     print(f"{runs.computed} run(s) computed, {runs.reused} reused from an earlier run")
     if runs.moved_to is not None:
         print(f"moved the earlier results to {runs.moved_to}")

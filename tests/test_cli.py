@@ -74,3 +74,16 @@ def test_every_encoder_and_objective_list_shows_is_accepted_by_train(tmp_path, c
         fusion = "deq" if obj == "deq" else "refnet"
         assert main(["train", *SMALL, "--fusion", fusion, "--objective", obj, "--output",
                      str(tmp_path / f"obj-{obj}")]) == 0, obj
+
+
+def test_benchmark_says_how_to_get_figures_without_matplotlib(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    argv = ["benchmark", "--datasets", "synthetic", "--data-arg", "synthetic:n_samples=200", "--fusions", "concat",
+            "--seeds", "0", "--epochs", "1", "--no-baselines", "--output", str(tmp_path / "b")]
+    assert main(argv) == 0
+    assert "pip install 'multizoo-ext[plot]'" in capsys.readouterr().out
+    assert main(["benchmark", "--epochs", "0", "--output", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -79,8 +79,6 @@ def test_patterns_match_what_they_should() -> None:
     assert sorted(text for _, text in docstrings(tree)) == ["cls", "fn", "mod"]
 
 
-@pytest.mark.xfail(strict=False, reason="examples/deq_digits.py still names work periods in its "
-                                        "module docstring; its owner rewrites it")
 def test_no_work_period_word_in_tracked_text() -> None:
     offenders = [hit for rel in tracked_files() for hit in matching_lines(rel, read_text(rel), WORD_PATTERN)]
     assert not offenders, "tracked files mention work periods:\n" + "\n".join(offenders)
@@ -109,3 +107,13 @@ def test_no_outside_links_in_docstrings_of_installed_code() -> None:
         for lineno, doc in docstrings(ast.parse(text, filename=str(rel))):
             offenders.extend(matching_lines(rel, doc, LINK_PATTERN, first_line=lineno))
     assert not offenders, "outside links in docstrings:\n" + "\n".join(offenders)
+
+
+ISSUE_PATTERN = re.compile(r"\bissue[ s]*#?\d+|\bitem \d+\)", re.IGNORECASE)
+
+
+def test_no_issue_numbers_in_tracked_text() -> None:
+    """The repository speaks to users: no references to the tracker's issue numbers."""
+    offenders = [hit for rel in tracked_files() if rel != Path(__file__).relative_to(ROOT)
+                 for hit in matching_lines(rel, read_text(rel), ISSUE_PATTERN)]
+    assert not offenders, "tracked files name issue numbers:\n" + "\n".join(offenders)

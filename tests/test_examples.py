@@ -29,7 +29,7 @@ def test_deq_digits_example(monkeypatch, capsys):
     acc = re.search(r"test accuracy ([0-9.]+)\s+macro F1 ([0-9.]+)\s+AUROC ([0-9.]+)\s+\(n=(\d+)\)", out)
     assert acc, out
     assert float(acc.group(1)) >= 0.3 and int(acc.group(4)) == 359, out      # 10 classes: chance 0.1
-    assert "DEQFusion(width 32, anderson), Jacobian weight 0.1, fusion lr x0.1" in out
+    assert "deq (deq objective, fusion lr x0.1)" in out  # the recipe the CLI and the runner use
     solver = re.search(r"solver on the (\d+) test samples \(cap (\d+) steps per stage, tolerance ([0-9.e-]+)\): "
                        r"steps mean ([0-9.]+) \+ ([0-9.]+) \(stages\) / max (\d+), relative residual median "
                        r"([0-9.e+-]+) / max ([0-9.e+-]+), converged ([0-9.]+) %", out)

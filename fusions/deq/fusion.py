@@ -44,7 +44,7 @@ from multizoo_ext.fusions.deq.staged import solve_staged
 from multizoo_ext.registry import Recipe, register_fusion
 from multizoo_ext.validation import check_fusion_inputs, check_input_dims
 
-__all__ = ["DEQ_DEFAULTS", "DEQDefaults", "DEQFusion", "find_deq"]
+__all__ = ["DEQ_DEFAULTS", "DEQ_RECIPE", "DEQDefaults", "DEQFusion", "build_deq_paper", "find_deq"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,18 @@ class DEQDefaults:
     #: Samples whose forward residual stays above this get the Jacobian-free gradient instead
     #: of the implicit one, which is only meaningful at a fixed point. None: implicit for all.
     implicit_max_residual: Optional[float] = 1e-2
+    #: Initialisation of the gate ``W_g``. "zero" (weight and bias 0): the multiplicative term
+    #: ``z_f * a_i`` starts at 0, so at initialisation ``z_f' = GN(ReLU(x_f + b_f))`` does not
+    #: read ``z_f``, the fused stage is a contraction and is solved in one step, and the gate
+    #: learns from there (its gradient, ``z_f`` times the gate's input, is not 0). "default":
+    #: PyTorch's Linear initialisation, the reference's; the fused map is then not a
+    #: contraction at initialisation (about half of the samples reach the tolerance).
+    gate_init: str = "zero"
+    #: The fused state's injection. "sum": ``x_f = sum_i w_i x_i + b`` with learnable scalars
+    #: (the reference's). "proj": ``x_f = W_x [x_1; ...; x_M] + b_x``, a Linear of the
+    #: concatenation, so x_f keeps which modality a feature came from. The reference's function
+    #: is ``DEQFusion(..., gate_init="default", injection="sum")``.
+    injection: str = "proj"
     #: Log non-convergence (WARNING) at most once per this many forwards.
     warn_every: int = 100
 
@@ -157,7 +169,10 @@ class _FusionMap:
         self.stage_sizes = (M * d, d)
         # 1. injection, once per batch (parameters keep their graph: the recomputation at z* trains them)
         x = torch.stack([p(t) for p, t in zip(layer.projections, inputs)], 1)       # (B, M, d)
-        x_f = torch.einsum("m,bmd->bd", layer.weights, x) + layer.bias              # (B, d)
+        if layer.injection_proj is not None:                                          # W_x [x_1; ..; x_M] + b_x
+            x_f = layer.injection_proj(x.flatten(1))                                  # (B, d)
+        else:
+            x_f = torch.einsum("m,bmd->bd", layer.weights, x) + layer.bias          # (B, d)
         self.inj = x + torch.stack([b.lin2.bias for b in blocks])                     # (B, M, d): x_i + b2_i
         self.inj_f = x_f + fb.fuse.bias                                               # (B, d):    x_f + b_f
         self._rows = _Rows(self.inj, self.inj_f)
@@ -243,7 +258,10 @@ def _solver_name(solver: Union[str, Solver]) -> str:
 #: DEQ fusion trains with its Jacobian penalty (``jac_reg=True``, the constructor's default)
 #: added by ``multizoo_ext.objectives.deq_objective`` (weight 0.1), and the fusion's parameters
 #: at 0.1 x the learning rate, as the authors' MM-IMDB script does.
-@register_fusion("deq", recipe=Recipe(objective="deq", fusion_lr_mult=0.1))
+DEQ_RECIPE = Recipe(objective="deq", fusion_lr_mult=0.1)
+
+
+@register_fusion("deq", recipe=DEQ_RECIPE)
 class DEQFusion(nn.Module):
     """Deep Equilibrium fusion: the fused state of the fixed point ``z* = f_theta(z*; x)``
     (``f_theta``: :class:`_FusionMap`).
@@ -293,6 +311,13 @@ class DEQFusion(nn.Module):
             'beta': 1.0, 'check_every': 4}``); solver defaults otherwise.
         warn_every: log non-convergence at WARNING at most once per this many forwards.
             Default: 100.
+        gate_init: ``'zero'`` (default): the gate ``W_g`` starts at weight 0 and bias 0, so the
+            multiplicative term starts at 0 and switches on as the gate learns (the fused update
+            is then a contraction at initialisation); ``'default'``: PyTorch's Linear
+            initialisation (the reference's). The function computed is the same either way.
+        injection: ``'proj'`` (default): ``x_f = Linear(M width, width)`` of the concatenated
+            ``x_1..x_M`` (parameters ``injection_proj.*``); ``'sum'``: ``x_f = sum_i w_i x_i + b`` with learnable scalars (the
+            reference's). ``gate_init='default', injection='sum'`` is the reference's layer.
 
     Shapes:
         ``forward([(B, d_1), ..., (B, d_M)]) -> (B, width)``; ``(B, ...)`` inputs are
@@ -326,7 +351,8 @@ class DEQFusion(nn.Module):
                  staged: bool = DEQ_DEFAULTS.staged, staged_backward: bool = DEQ_DEFAULTS.staged_backward,
                  implicit_max_residual: Optional[float] = DEQ_DEFAULTS.implicit_max_residual,
                  trace: bool = False, solver_kwargs: Optional[Mapping[str, Any]] = None,
-                 warn_every: int = DEQ_DEFAULTS.warn_every) -> None:
+                 warn_every: int = DEQ_DEFAULTS.warn_every, gate_init: str = DEQ_DEFAULTS.gate_init,
+                 injection: str = DEQ_DEFAULTS.injection) -> None:
         super().__init__()
         self.input_dims = check_input_dims(input_dims, "DEQFusion")
         if int(num_groups) < 1:
@@ -344,6 +370,10 @@ class DEQFusion(nn.Module):
                 f"(e.g. {_round_up(self.width, self.num_groups)}) or another num_groups")
         if stop_mode not in ("abs", "rel"):
             raise ValueError(f"DEQFusion: stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
+        if gate_init not in ("zero", "default"):
+            raise ValueError(f"DEQFusion: gate_init must be 'zero' or 'default', got {gate_init!r}")
+        if injection not in ("sum", "proj"):
+            raise ValueError(f"DEQFusion: injection must be 'sum' or 'proj', got {injection!r}")
         for name, value in (("f_max_iter", f_max_iter), ("b_max_iter", b_max_iter), ("warn_every", warn_every)):
             if int(value) < 1:
                 raise ValueError(f"DEQFusion: {name} must be >= 1, got {value}")
@@ -355,9 +385,18 @@ class DEQFusion(nn.Module):
             nn.Linear(d, self.width) if (always_project or d != self.width) else nn.Identity()
             for d in self.input_dims)
         self.blocks = nn.ModuleList(_residual_block_params(self.width, self.num_groups) for _ in self.input_dims)
+        self.gate_init = gate_init
         self.fusion_block = _fusion_block_params(self.width, self.num_groups)
-        self.weights = nn.Parameter(torch.ones(self.num_modalities))   # w_i of x_f
-        self.bias = nn.Parameter(torch.zeros(()))                       # b of x_f
+        if gate_init == "zero":   # the multiplicative term starts at 0 (see DEQDefaults.gate_init)
+            nn.init.zeros_(self.fusion_block["gate"].weight)
+            nn.init.zeros_(self.fusion_block["gate"].bias)
+        self.injection = injection
+        if injection == "sum":
+            self.weights = nn.Parameter(torch.ones(self.num_modalities))   # w_i of x_f
+            self.bias = nn.Parameter(torch.zeros(()))                       # b of x_f
+            self.injection_proj = None
+        else:                                                               # x_f = W_x [x_1; ..; x_M] + b_x
+            self.injection_proj = nn.Linear(self.num_modalities * self.width, self.width)
 
         # the forward solve (staged or joint) and the gradient mode, resolved once
         self.solver_name = _solver_name(solver)
@@ -470,7 +509,7 @@ class DEQFusion(nn.Module):
         return self._solve(f, z0)
 
     def _check(self, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        param = self.weights
+        param = self.fusion_block["fuse"].weight
         bad = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.device != param.device]
         if bad:
             raise ValueError(f"DEQFusion: input of modality {bad[0]} is on {inputs[bad[0]].device} but the fusion's "
@@ -562,7 +601,16 @@ class DEQFusion(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"input_dims={self.input_dims}, width={self.width}, num_groups={self.num_groups}, "
-                f"solver={self.solver_name!r}, backward={self.backward_mode!r}, jac_reg={self.jac_reg}")
+                f"solver={self.solver_name!r}, backward={self.backward_mode!r}, jac_reg={self.jac_reg}, "
+                f"gate_init={self.gate_init!r}, injection={self.injection!r}")
+
+
+@register_fusion("deq_paper", recipe=DEQ_RECIPE)
+def build_deq_paper(input_dims: Sequence[int], **kwargs: Any) -> DEQFusion:
+    """The published layer, unchanged: :class:`DEQFusion` with PyTorch's initialisation of the
+    gate and the summed injection (``gate_init="default", injection="sum"``), trained with the
+    same recipe. Other keywords as :class:`DEQFusion`."""
+    return DEQFusion(input_dims, **{"gate_init": "default", "injection": "sum", **kwargs})
 
 
 class _ConvergenceCounts:

@@ -244,3 +244,35 @@ def test_find_refnet_in_nested_modules():
     assert find_refnet(nn.Sequential(nn.Linear(2, 2), nn.ModuleList([refnet]))) is refnet
     assert find_refnet(refnet) is refnet
     assert find_refnet(nn.Linear(2, 2)) is None and find_refnet(None) is None
+
+
+def test_modality_dropout_masks_one_modality_per_hit_sample_in_training_only():
+    """Cross-modal pre-training: a hit sample has one modality zeroed in what the inner fusion
+    sees, never two; the targets stay unmasked; nothing is masked in eval mode."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from multizoo_ext.fusions import ReFNet
+
+    class Seen(nn.Module):
+        out_dim = 8
+
+        def forward(self, xs):
+            self.seen = [x.clone() for x in xs]
+            return torch.cat(xs, 1)
+
+    torch.manual_seed(0)
+    inner = Seen()
+    refnet = ReFNet(inner, [4, 4], modality_dropout=0.9)
+    xs = [torch.ones(400, 4), torch.ones(400, 4)]
+    refnet(xs)
+    zeroed = torch.stack([(s == 0).all(1) for s in inner.seen], 1)  # (B, 2)
+    assert not (zeroed[:, 0] & zeroed[:, 1]).any()
+    assert 0.8 < zeroed.any(1).float().mean() < 1.0 and zeroed[:, 0].any() and zeroed[:, 1].any()
+    assert all(torch.equal(t, x) for t, x in zip(refnet.last_targets, xs))
+    refnet.eval()
+    refnet(xs)
+    assert all(torch.equal(s, x) for s, x in zip(inner.seen, xs))
+    with pytest.raises(ValueError, match="modality_dropout must be in"):
+        ReFNet(Seen(), [4, 4], modality_dropout=1.0)

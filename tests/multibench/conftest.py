@@ -103,7 +103,7 @@ class MultiBench:
         return [float(ln[len(prefix):].split()[0]) for ln in stdout.splitlines() if ln.startswith(prefix)]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def multibench_root() -> Path:
     root = find_multibench_root()
     if root is None:
@@ -116,7 +116,7 @@ def multibench_root() -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def multibench(multibench_root: Path, tmp_path_factory: pytest.TempPathFactory) -> MultiBench:
     stub = tmp_path_factory.mktemp("torchvision_stub")
     (stub / "torchvision" / "models").mkdir(parents=True)
@@ -135,7 +135,7 @@ def _load_sibling(name: str):
     return module
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def mb_scripts():
     """``mb_scripts.py``: MultiBench example scripts with their fusion swapped, and tiny data."""
     return _load_sibling("mb_scripts")

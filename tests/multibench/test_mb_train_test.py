@@ -33,41 +33,65 @@ _REFNET = _HEADER + textwrap.dedent(
         encoders = [MLP(6, 16, 8), MLP(10, 16, 12)]
         return encoders, ReFNet(Concat(dims), dims), nn.Linear(sum(dims), k)
 
-    # MultiBench's default objective: the refiners get no gradient and stay at their init
+    import warnings
+
+    def refnet_warnings(record):
+        return sum("refiners" in str(w.message) for w in record)
+
+    # MultiBench's default objective: the refiners get no gradient and stay at their init (one warning)
     encoders, fusion, head = build()
     before_plain = snapshot(fusion.refiners)
-    train(encoders, fusion, head, train_dl, valid_dl, 1, optimtype=torch.optim.AdamW, lr=1e-2,
-          save=out_dir + "/plain.pt")
-    plain_changed = changed(before_plain, fusion.refiners)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train(encoders, fusion, head, train_dl, valid_dl, 1, optimtype=torch.optim.AdamW, lr=1e-2,
+              save=out_dir + "/plain.pt")
+    plain_changed, plain_warnings = changed(before_plain, fusion.refiners), refnet_warnings(record)
 
     # the ReFNet objective: task loss + refiner loss; MultiBench fills the dict every batch
     encoders, fusion, head = build()
     before = snapshot(fusion.refiners)
-    train(encoders, fusion, head, train_dl, valid_dl, 5, optimtype=torch.optim.AdamW, lr=1e-2,
-          objective=refnet_objective(nn.CrossEntropyLoss()), objective_args_dict={}, save=out_dir + "/best.pt")
-    refnet_changed = changed(before, fusion.refiners)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train(encoders, fusion, head, train_dl, valid_dl, 5, optimtype=torch.optim.AdamW, lr=1e-2,
+              objective=refnet_objective(nn.CrossEntropyLoss()), objective_args_dict={},
+              save=out_dir + "/best.pt")
+    refnet_changed, refnet_warned = changed(before, fusion.refiners), refnet_warnings(record)
     model = torch.load(out_dir + "/best.pt", weights_only=False)   # trusted: written just above
     test(model, test_dl, no_robust=True)
     print("RESULT " + json.dumps({"plain_changed": plain_changed, "refnet_changed": refnet_changed,
-                                  "n_tensors": len(before)}))
+                                  "n_tensors": len(before), "plain_warnings": plain_warnings,
+                                  "refnet_warnings": refnet_warned}))
     """
 )
 
 _DEQ = _HEADER + textwrap.dedent(
     """
+    import warnings
+
+    # the Jacobian penalty unused (MultiBench's default objective): one warning, then the recipe
+    torch.manual_seed(1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train([MLP(6, 16, 8), MLP(10, 16, 12)], DEQFusion([8, 12], 16), nn.Linear(16, k), train_dl, valid_dl, 1,
+              optimtype=torch.optim.AdamW, lr=1e-2, save=out_dir + "/plain.pt")
+    plain_warnings = sum("Jacobian penalty" in str(w.message) for w in record)
     torch.manual_seed(1)
     encoders = [MLP(6, 16, 8), MLP(10, 16, 12)]
     fusion = DEQFusion([8, 12], 16)          # width 16: unequal widths are projected inside
     head = nn.Linear(16, k)                  # sized to the DEQ width (fusion.out_dim)
     before = snapshot(fusion)
-    train(encoders, fusion, head, train_dl, valid_dl, 4, optimtype=torch.optim.AdamW, lr=1e-2,
-          objective=deq_objective(nn.CrossEntropyLoss()), objective_args_dict={}, save=out_dir + "/best.pt")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train(encoders, fusion, head, train_dl, valid_dl, 4, optimtype=torch.optim.AdamW, lr=1e-2,
+              objective=deq_objective(nn.CrossEntropyLoss()), objective_args_dict={}, save=out_dir + "/best.pt")
+    recipe_warnings = sum("Jacobian penalty" in str(w.message) for w in record)
     model = torch.load(out_dir + "/best.pt", weights_only=False)   # trusted: written just above
     test(model, test_dl, no_robust=True)
     info = model.fuse.last_info
     print("RESULT " + json.dumps({"changed": len(changed(before, fusion)), "n_tensors": len(before),
                                   "out_dim": fusion.out_dim, "steps": info["steps"].tolist(),
-                                  "max_iter": info["max_iter"]}))
+                                  "max_iter": info["max_iter"], "plain_warnings": plain_warnings,
+                                  "recipe_warnings": recipe_warnings}))
     """
 )
 
@@ -127,6 +151,7 @@ def test_refnet_trains_its_refiners_in_multibench_train(multibench, tmp_path):
     proc = multibench.run_code(multibench.synthetic_task + _REFNET, tmp_path, tmp_path)
     r = multibench.result(proc)
     assert r["plain_changed"] == []                           # nn.CrossEntropyLoss alone: refiners untouched
+    assert r["plain_warnings"] == 1 and r["refnet_warnings"] == 0   # ... and the user is told, once
     assert len(r["refnet_changed"]) == r["n_tensors"] > 0   # every refiner tensor trained
     accs = multibench.printed(proc.stdout, "acc: ")
     print("test accuracy", accs)
@@ -137,6 +162,7 @@ def test_deq_fusion_trains_in_multibench_train_and_test(multibench, tmp_path):
     proc = multibench.run_code(multibench.synthetic_task + _DEQ, tmp_path, tmp_path)
     r = multibench.result(proc)
     assert r["out_dim"] == 16
+    assert r["plain_warnings"] == 1 and r["recipe_warnings"] == 0   # an unused penalty is reported, once
     assert r["changed"] == r["n_tensors"] > 0                  # every fusion tensor was updated
     assert len(r["steps"]) == 60 and all(1 <= s <= r["max_iter"] for s in r["steps"])   # test() ran the solver
     accs = multibench.printed(proc.stdout, "acc: ")

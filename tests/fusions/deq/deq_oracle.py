@@ -25,9 +25,13 @@ def fusion_block(fb, z_f: torch.Tensor, z_mods: Sequence[torch.Tensor], x_f: tor
 
 
 def injections(fusion, inputs: Sequence[torch.Tensor]):
-    """``x_i = P_i(input_i)`` (B, d) each and ``x_f = sum_i w_i x_i + b`` (B, d)."""
+    """``x_i = P_i(input_i)`` (B, d) each and ``x_f`` (B, d): ``sum_i w_i x_i + b`` (``injection="sum"``)
+    or ``W_x [x_1; ...; x_M] + b_x`` (``"proj"``)."""
     xs = [p(torch.flatten(t, 1)) for p, t in zip(fusion.projections, inputs)]
-    x_f = sum(w * x for w, x in zip(fusion.weights, xs)) + fusion.bias
+    if fusion.injection == "sum":
+        x_f = sum(w * x for w, x in zip(fusion.weights, xs)) + fusion.bias
+    else:
+        x_f = fusion.injection_proj(torch.cat(list(xs), 1))
     return xs, x_f
 
 

@@ -67,7 +67,8 @@ def test_two_three_and_six_modalities_of_different_widths(dims):
     assert fusion.last_info is info
     assert [type(p).__name__ for p in fusion.projections] == ["Identity" if d == 16 else "Linear" for d in dims]
     fused.sum().backward()
-    assert fusion.projections[0].weight.grad is not None and fusion.weights.grad.shape == (len(dims),)
+    assert fusion.projections[0].weight.grad is not None
+    assert fusion.injection_proj.weight.grad.shape == (16, 16 * len(dims))
 
 
 def _perturbed(dims, width, num_groups, **kw):
@@ -111,11 +112,15 @@ def test_fast_map_gradients_equal_the_oracle_gradients():
 
 
 def test_state_dict_keys_are_those_of_the_module_by_module_layout():
-    keys = list(DEQFusion([5, 8], width=8).state_dict())
+    """The reference's layer keeps the reference's keys (its checkpoints load); the default
+    injection adds a Linear of the concatenation instead of the two scalars."""
     block = [f"{m}.{t}" for m in ("lin1", "lin2", "gn1", "gn2", "gn3") for t in ("weight", "bias")]
-    assert keys == (["weights", "bias", "projections.0.weight", "projections.0.bias"]
-                    + [f"blocks.{i}.{k}" for i in range(2) for k in block]
-                    + [f"fusion_block.{m}.{t}" for m in ("gate", "fuse", "gn") for t in ("weight", "bias")])
+    common = (["projections.0.weight", "projections.0.bias"] + [f"blocks.{i}.{k}" for i in range(2) for k in block]
+              + [f"fusion_block.{m}.{t}" for m in ("gate", "fuse", "gn") for t in ("weight", "bias")])
+    paper = DEQFusion([5, 8], width=8, gate_init="default", injection="sum").state_dict()
+    assert sorted(paper) == sorted(["weights", "bias"] + common)
+    assert sorted(DEQFusion([5, 8], width=8).state_dict()) == sorted(common + ["injection_proj.weight",
+                                                                               "injection_proj.bias"])
 
 
 @pytest.mark.parametrize("contractive", [True, False])
@@ -171,7 +176,8 @@ def test_implicit_gradients_match_unrolling_to_convergence_float64():
 def test_gradcheck_against_finite_differences():
     torch.manual_seed(0)
     fusion = _contractive(DEQFusion([3, 2], width=8, num_groups=2, f_tol=1e-13, b_tol=1e-13,
-                                    f_max_iter=100, b_max_iter=100, stop_mode="abs", jac_reg=False).double())
+                                    f_max_iter=100, b_max_iter=100, stop_mode="abs", jac_reg=False,
+                                    gate_init="default", injection="sum").double())
     xa, xb = _inputs([3, 2], B=2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: fusion([a, b]), (xa, xb), eps=1e-6, atol=1e-7, rtol=1e-5)
     # parameters' gradients through the implicit backward, too
@@ -387,7 +393,9 @@ def test_implicit_max_residual_falls_back_to_the_jacobian_free_gradient(staged_b
     # application of f at the returned iterate, i.e. the phantom gradient with one step.
     torch.manual_seed(0)
     dims = [5, 7]
-    kw = dict(width=16, f_tol=1e-10, f_max_iter=100, b_tol=1e-10, b_max_iter=100)
+    # the reference's initialisation: some samples stay far from the fixed point
+    kw = dict(width=16, f_tol=1e-10, f_max_iter=100, b_tol=1e-10, b_max_iter=100, gate_init="default",
+              injection="sum")
     xs = _inputs(dims, B=5, dtype=torch.float64)
 
     def grads(**extra):

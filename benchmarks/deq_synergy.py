@@ -1,0 +1,303 @@
+"""Does DEQ fusion learn a two-modality synergy (XOR) task inside MultiBench's own train()?
+
+Task: each modality is ``dim`` standard-normal features; the label is the XOR of the signs of
+feature 0 of modality 0 and feature 0 of modality 1, so each modality alone is at chance and
+an additive model is at chance too. Model: per-modality ``Linear(dim, 32) + ReLU`` encoders,
+the fusion, an MLP head (``Linear(out, 32) + ReLU + Linear(32, 2)``); MultiBench's unmodified
+``training_structures.Supervised_Learning.train`` (Adam, lr 3e-3, 15 epochs, batch 32) and its
+``single_test`` on the best-validation checkpoint.
+
+Each named variant changes ONE thing of the baseline ``DEQFusion([32, 32], 32, jac_reg=True)``
+with ``deq_objective(CrossEntropyLoss())`` (Jacobian weight 0.1, uniform learning rate); the
+variants subclass or patch DEQFusion here, the library module is not edited.
+
+Usage (MultiBench on the path, from the repository root)::
+
+    OMP_NUM_THREADS=1 python benchmarks/deq_synergy.py --variants concat deq --seeds 0 1 2
+    python benchmarks/deq_synergy.py --list
+
+Prints one row per variant: mean +- std of the test accuracy over the seeds, the per-seed
+values, the mean seconds per epoch, the fraction of converged training samples and the median
+relative residual in the last epoch, and the Jacobian penalty / task loss at initialisation.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MULTIBENCH = os.environ.get("MULTIBENCH", os.path.join(HERE, "..", "..", "shared", "third_party", "MultiBench"))
+if MULTIBENCH not in sys.path:
+    sys.path.insert(0, MULTIBENCH)
+
+from multizoo_ext.fusions import Concat  # noqa: E402
+from multizoo_ext.fusions.deq import DEQFusion  # noqa: E402
+
+try:   # DEQFusion's internals: the fusions/deq/ package, or the single module it was before
+    from multizoo_ext.fusions.deq import fusion as deq_module  # noqa: E402
+except ImportError:
+    from multizoo_ext.fusions import deq as deq_module  # noqa: E402
+_group_norm = deq_module._group_norm
+#: the module-level map takes the raw inputs (package layout) or (x, x_f) (single module)
+_MAP_TAKES_INPUTS = hasattr(deq_module._FusionMap, "fused")
+from multizoo_ext.objectives import deq_objective  # noqa: E402
+
+WIDTH = 32
+
+
+# ---------------------------------------------------------------------------------- data
+def xor_loaders(seed: int, n_train: int = 1024, n_valid: int = 512, n_test: int = 1024, dim: int = 8,
+                batch_size: int = 32) -> Tuple[torch.utils.data.DataLoader, ...]:
+    """Loaders of ``(x_0 (B, dim), x_1 (B, dim), y (B,))`` with ``y = [x_0[0] > 0] xor [x_1[0] > 0]``."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+
+    def split(n: int) -> torch.utils.data.TensorDataset:
+        x0, x1 = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g)
+        y = ((x0[:, 0] > 0) ^ (x1[:, 0] > 0)).long()
+        return torch.utils.data.TensorDataset(x0, x1, y)
+
+    train, valid, test = split(n_train), split(n_valid), split(n_test)
+    return (torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True, generator=g),
+            torch.utils.data.DataLoader(valid, batch_size=128),
+            torch.utils.data.DataLoader(test, batch_size=128))
+
+
+# ------------------------------------------------------------------------------ variants
+class _PatchedMap(deq_module._FusionMap):
+    """``_FusionMap`` whose fused-state normalisation is configurable: ``out_norm`` 'gn'
+    (the paper's GroupNorm), 'none' (ReLU only), 'ln' (GroupNorm with one group)."""
+
+    out_norm = "gn"
+
+    def _norm_fused(self, z_f: torch.Tensor, a: torch.Tensor, inj_f: torch.Tensor) -> torch.Tensor:
+        h = torch.addmm(inj_f, z_f * a, self.wft).relu_()
+        if self.out_norm == "none":
+            return h
+        groups = 1 if self.out_norm == "ln" else self.groups
+        return _group_norm(h, groups, *self.gnf, self.eps)
+
+    _fuse = _norm_fused    # the name in the single-module layout
+    fused = _norm_fused    # the name in the package layout
+
+
+class DEQVariant(DEQFusion):
+    """DEQFusion with the knobs of the hypotheses (all at their first value = the paper's function).
+
+    Args (besides DEQFusion's):
+        out_norm: 'gn' | 'none' | 'ln' normalisation of z_f' (hypothesis b).
+        gate_init: None (PyTorch's Linear init) | 'one' (W_g = 0, bias so that sum_i a_i = 1)
+            | 'zero' (W_g = 0, bias 0: the multiplicative term starts at 0) (hypothesis a).
+        injection: 'sum' (x_f = sum_i w_i x_i + b) | 'proj' (Linear of the concatenation) (c).
+        output: 'zf' | 'zf+xf' | 'cat' (concat(z_f*, x_1..x_M)) (hypothesis g).
+    """
+
+    def __init__(self, input_dims: Sequence[int], width: Optional[int] = None, *, out_norm: str = "gn",
+                 gate_init: Optional[str] = None, injection: str = "sum", output: str = "zf", **kw) -> None:
+        super().__init__(input_dims, width, **kw)
+        self.out_norm, self.injection, self.output = out_norm, injection, output
+        M, d = self.num_modalities, self.width
+        gate = self.fusion_block.gate
+        if gate_init in ("zero", "one"):
+            with torch.no_grad():
+                gate.weight.zero_()
+                gate.bias.fill_(0.0 if gate_init == "zero" else 1.0 / M)
+        if injection == "proj":
+            self.inj_proj = nn.Linear(M * d, d)
+        self.out_dim = {"zf": d, "zf+xf": d, "cat": (M + 1) * d}[output]
+
+    def _injections(self, inputs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x (B, M, d) and x_f (B, d) of this variant."""
+        flat = [torch.flatten(t, 1) for t in inputs]
+        x = torch.stack([p(t) for p, t in zip(self.projections, flat)], 1)
+        if self.injection == "proj":
+            return x, self.inj_proj(x.flatten(1))
+        return x, torch.einsum("m,bmd->bd", self.weights, x) + self.bias
+
+    def deq_function(self, inputs):
+        if _MAP_TAKES_INPUTS:
+            fmap = _PatchedMap(self, self._check(inputs))
+            if self.injection == "proj":
+                fmap.inj_f = self._injections(inputs)[1] + self.fusion_block.fuse.bias
+                fmap._rows = deq_module._Rows(fmap.inj, fmap.inj_f)
+        else:
+            self._check(inputs)
+            fmap = _PatchedMap(self, *self._injections(inputs))
+        fmap.out_norm = self.out_norm
+        return fmap
+
+    def forward(self, inputs, return_info: bool = False):
+        fused = super().forward(inputs)
+        info = self.last_info
+        if self.training and getattr(self, "stats", None) is not None and info and "converged" in info:
+            self.stats["conv"].append(float(info["converged"].float().mean()))
+            self.stats["res"].append(float(info["rel_residual"].median()))
+        if self.output != "zf":
+            x, x_f = self._injections(inputs)
+            fused = fused + x_f if self.output == "zf+xf" else torch.cat([fused, x.flatten(1)], 1)
+        return (fused, self.last_info) if return_info else fused
+
+
+#: name -> (DEQVariant kwargs or None for Concat, Jacobian weight, fusion lr multiplier, description)
+VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
+    "concat": (None, 0.0, 1.0, "Concat (reference point)"),
+    "deq": ({}, 0.1, 1.0, "baseline: paper's DEQFusion, jac 0.1, uniform lr"),
+    # (a) gate / fused-state initialisation
+    "a_gate_one": ({"gate_init": "one"}, 0.1, 1.0, "W_g = 0, bias: sum_i a_i = 1 at init"),
+    "a_gate_zero": ({"gate_init": "zero"}, 0.1, 1.0, "W_g = 0 and bias 0: z_f' = GN(ReLU(x_f + b_f)) at init"),
+    # (b) GroupNorm on z_f'
+    "b_norm_none": ({"out_norm": "none"}, 0.1, 1.0, "no GroupNorm on z_f' (ReLU only)"),
+    "b_norm_ln": ({"out_norm": "ln"}, 0.1, 1.0, "one-group GroupNorm (layer norm) on z_f'"),
+    # (c) injection
+    "c_inj_proj": ({"injection": "proj"}, 0.1, 1.0, "x_f = Linear(concat(x_1..x_M))"),
+    # (d) Jacobian weight
+    "d_jac0": ({"jac_reg": False}, 0.0, 1.0, "no Jacobian term"),
+    "d_jac001": ({}, 0.01, 1.0, "Jacobian weight 0.01"),
+    # (e) gradient far from the fixed point
+    "e_implicit_all": ({"implicit_max_residual": None}, 0.1, 1.0, "implicit gradient for every sample"),
+    "e_phantom": ({"backward": "phantom"}, 0.1, 1.0, "phantom gradient (5 steps, tau 1)"),
+    "e_unrolled": ({"backward": "unrolled", "unroll_steps": 12}, 0.1, 1.0, "12 unrolled steps, backprop"),
+    "e_iter110": ({"f_max_iter": 110, "b_max_iter": 110}, 0.1, 1.0, "2x iteration caps"),
+    # (f) fusion learning-rate multiplier
+    "f_lr01": ({}, 0.1, 0.1, "fusion lr x0.1 (the CLI recipe)"),
+    # (g) what the head sees
+    "g_cat": ({"output": "cat"}, 0.1, 1.0, "output concat(z_f*, x_1..x_M)"),
+    "g_zf_xf": ({"output": "zf+xf"}, 0.1, 1.0, "output z_f* + x_f"),
+}
+
+
+def parse_variant(name: str) -> Tuple[Optional[dict], float, float, str]:
+    """A registered name, or '+'-joined registered names (their settings merged, later wins)."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    parts = name.split("+")
+    if not all(p in VARIANTS for p in parts):
+        raise SystemExit(f"unknown variant {name!r}; --list shows the names")
+    kw: dict = {}
+    jac, lrm = 0.1, 1.0
+    for p in parts:
+        pkw, pjac, plrm, _ = VARIANTS[p]
+        kw.update(pkw)
+        if p.startswith("d_"):
+            jac = pjac
+        if p.startswith("f_"):
+            lrm = plrm
+    if kw.get("jac_reg") is False:
+        jac = 0.0
+    return kw, jac, lrm, " + ".join(parts)
+
+
+def grouped_adam(fusion: nn.Module, mult: float) -> Callable:
+    """``optimtype`` for MultiBench's train: Adam with the fusion's parameters at ``mult`` x lr."""
+    fusion_ids = {id(p) for p in fusion.parameters()}
+
+    def make(params, lr, weight_decay):
+        params = list(params)
+        fus = [p for p in params if id(p) in fusion_ids]
+        rest = [p for p in params if id(p) not in fusion_ids]
+        return torch.optim.Adam([{"params": rest}, {"params": fus, "lr": lr * mult}], lr=lr,
+                                weight_decay=weight_decay)
+    return make
+
+
+# ---------------------------------------------------------------------------------- run
+def run_one(name: str, seed: int, epochs: int, lr: float, save_dir: str) -> Dict[str, float]:
+    from training_structures.Supervised_Learning import single_test, train
+
+    kw, jac, lr_mult, _ = parse_variant(name)
+    torch.manual_seed(seed)
+    train_dl, valid_dl, test_dl = xor_loaders(seed)
+    dim = train_dl.dataset.tensors[0].shape[1]
+    encoders = [nn.Sequential(nn.Linear(dim, WIDTH), nn.ReLU()) for _ in range(2)]
+    if kw is None:
+        fusion: nn.Module = Concat([WIDTH, WIDTH])
+        objective: Callable = nn.CrossEntropyLoss()
+        args = None
+    else:
+        kw = dict(kw)
+        kw.setdefault("jac_reg", jac > 0)
+        fusion = DEQVariant([WIDTH, WIDTH], WIDTH, **kw)
+        objective = deq_objective(nn.CrossEntropyLoss(), jacobian_weight=jac)
+        args = {}
+    head = nn.Sequential(nn.Linear(fusion.out_dim, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 2))
+
+    # Jacobian penalty vs task loss at initialisation (one training batch, no step)
+    init = {}
+    if kw is not None:
+        x0, x1, y = next(iter(train_dl))
+        fusion.train()
+        out = head(fusion([encoders[0](x0), encoders[1](x1)]))
+        init["task0"] = float(F.cross_entropy(out, y).detach())
+        init["jac0"] = float(fusion.jac_loss.detach()) if fusion.jac_loss is not None else float("nan")
+        if fusion.jac_loss is not None and hasattr(fusion, "take_jacobian_penalty"):
+            fusion.take_jacobian_penalty(y.shape[0])   # mark this probe's penalty as read
+
+    save = os.path.join(save_dir, f"deq_synergy_{os.getpid()}.pt")
+    optimtype = grouped_adam(fusion, lr_mult) if lr_mult != 1.0 else torch.optim.Adam
+    stats: Dict[str, List[float]] = {"conv": [], "res": []}
+    if kw is not None:
+        fusion.stats = stats
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(encoders, fusion, head, train_dl, valid_dl, epochs, optimtype=optimtype, lr=lr,
+              objective=objective, objective_args_dict=args, save=save, track_complexity=False)
+    seconds = (time.perf_counter() - t0) / epochs
+    model = torch.load(save, weights_only=False)   # MultiBench saves whole models
+    os.remove(save)
+    with contextlib.redirect_stdout(io.StringIO()):
+        acc = float(single_test(model, test_dl)["Accuracy"])
+    per_epoch = max(1, len(train_dl))
+    last = slice(-per_epoch, None)
+    return {"acc": acc, "s_per_epoch": seconds,
+            "conv": statistics.mean(stats["conv"][last]) if stats["conv"] else float("nan"),
+            "res": statistics.median(stats["res"][last]) if stats["res"] else float("nan"), **init}
+
+
+def _fmt(values: List[float]) -> str:
+    m = statistics.mean(values)
+    s = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{m:.3f} +- {s:.3f}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", nargs="+", default=["concat", "deq"],
+                   help="names from --list, or '+'-joined names to combine them")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--save-dir", default=os.environ.get("TMPDIR", "/tmp"))
+    p.add_argument("--list", action="store_true", help="list the variants and exit")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if a.list:
+        for k, (_, jac, lrm, desc) in VARIANTS.items():
+            print(f"{k:16s} jac={jac:<5} fusion_lr_x{lrm:<4} {desc}")
+        return
+    print(f"XOR synergy inside MultiBench train(): {a.epochs} epochs, Adam lr {a.lr}, seeds {a.seeds}")
+    print(f"{'variant':28s} {'test acc':16s} {'per seed':24s} {'s/epoch':>8s} {'conv':>6s} "
+          f"{'res':>8s} {'jac0/task0':>10s}")
+    for name in a.variants:
+        rows = []
+        for s in a.seeds:
+            rows.append(run_one(name, s, a.epochs, a.lr, a.save_dir))
+            print(f"  {name} seed {s}: {rows[-1]}", file=sys.stderr, flush=True)
+        accs = [r["acc"] for r in rows]
+        ratio = statistics.mean(r.get("jac0", float("nan")) / r["task0"] for r in rows) if "task0" in rows[0] else float("nan")
+        print(f"{name:28s} {_fmt(accs):16s} {' '.join(f'{x:.3f}' for x in accs):24s} "
+              f"{statistics.mean(r['s_per_epoch'] for r in rows):8.2f} "
+              f"{statistics.mean(r['conv'] for r in rows):6.2f} "
+              f"{statistics.median(r['res'] for r in rows):8.1e} {ratio:10.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
