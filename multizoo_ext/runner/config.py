@@ -103,6 +103,14 @@ class BenchmarkConfig:
         fail_fast: raise on the first failing run; False records it as ``status: "failed"``
             (retried on the next resume) and goes on. Default: True.
         progress: tqdm bar over the grid; None = only on a terminal. Default: False.
+        search_trials: trials of the search stage per (dataset, sweep point, method), the
+            same for every method, baselines included; 0 = no search (every method at the
+            settings above). See :mod:`multizoo_ext.runner.search`. Default: 0.
+        search_space: key -> distribution (a list of values, ``{"log_uniform": [lo, hi]}``
+            or ``{"uniform": [lo, hi]}``); None = ``DEFAULT_SEARCH_SPACE`` of
+            :mod:`multizoo_ext.runner.search`. Default: None.
+        search_seed: seeds the sampling of the trials (with the dataset and method names)
+            and is the training seed of every trial. Default: 0.
         quick: marks a config made by :meth:`quick_config` (informational).
     """
 
@@ -139,6 +147,9 @@ class BenchmarkConfig:
     resume: bool = True
     fail_fast: bool = True
     progress: Optional[bool] = False
+    search_trials: int = 0
+    search_space: Optional[Dict[str, Any]] = None
+    search_seed: int = 0
     quick: bool = False
 
     @classmethod
@@ -183,7 +194,7 @@ class BenchmarkConfig:
             raise ValueError(f"seeds must be non-negative integers, got {list(cfg.seeds)!r}")
         cfg.seeds = _unique([int(s) for s in cfg.seeds], "seeds")
         _check_training(cfg)
-        for name, low in (("jobs", 1),):
+        for name, low in (("jobs", 1), ("search_trials", 0), ("search_seed", 0)):
             value = getattr(cfg, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -209,6 +220,11 @@ class BenchmarkConfig:
             mults[str(k).lower()] = float(v)
         cfg.fusion_lr_mult = mults
         cfg.sweep = _check_sweep(cfg.sweep, cfg)
+        if cfg.search_trials or cfg.search_space is not None:
+            from multizoo_ext.runner.search import check_search_space
+
+            cfg.search_space = check_search_space(cfg.search_space, cfg)
+        cfg.search_trials, cfg.search_seed = int(cfg.search_trials), int(cfg.search_seed)
         cfg.references = _check_references(cfg.references, cfg.datasets)
         if cfg.device is not None:
             resolve_device(cfg.device)  # ValueError for a bad or absent device
@@ -375,13 +391,18 @@ def variant_label(variant: Dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class RunSpec:
     """One run of the grid: a dataset entry, a method, a seed, and the sweep point (the
-    config with that point's settings applied)."""
+    config with that point's settings applied); ``stage`` is "search" for a trial of the
+    search stage (``trial``: its index), else "final"; ``search``: the trial's settings, or
+    for a final run the search's outcome (None without a search)."""
 
     dataset: str
     method: str
     seed: int
     variant: str
     config: BenchmarkConfig = field(compare=False, repr=False)
+    stage: str = "final"
+    trial: Optional[int] = None
+    search: Optional[Dict[str, Any]] = field(default=None, compare=False, repr=False)
 
 
 def expand_runs(cfg: BenchmarkConfig) -> List[RunSpec]:

@@ -8,6 +8,9 @@ with two conveniences:
   loader's keywords (``path = ...``), so one loader can appear twice with two paths; tables
   and rows are labelled by the entry name.
 - ``[sweep]``, ``[[references]]``, ``[fusion_kwargs.<fusion>]``, ... as in the dataclass.
+- ``[search]``: ``trials = N`` (``search_trials``), ``seed = S`` (``search_seed``) and a
+  ``[search.space]`` table (``search_space``, e.g. ``lr = {log_uniform = [3e-4, 1e-2]}``,
+  ``"fusion_lr_mult.deq" = [0.1, 1.0]``); see :mod:`multizoo_ext.runner.search`.
 
 Options given on the command line win over the file. Unknown keys are one-line errors that
 list the valid ones.
@@ -108,6 +111,15 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
                    help="keyword for FUSION's objective factory, e.g. --objective-arg refnet:ms_weight=0.1")
     k.add_argument("--fusion-lr-mult", action="append", type=_pair, default=[], metavar="FUSION=MULT",
                    help="learning-rate multiplier of one fusion's parameters, e.g. deq=1 (default: the recipe's)")
+    s = parser.add_argument_group("search stage (an equal tuning budget for every method)")
+    s.add_argument("--search-trials", type=int, metavar="N",
+                   help="tune every method, baselines included, with the same N trials sampled from the search "
+                        "space (a config file's [search.space]; default space: lr, weight_decay, hidden, embed_dim, "
+                        "refnet ms_weight, deq fusion_lr_mult, logreg C), each trained with the search seed and "
+                        "scored on the validation split; the best trial's settings are then run for every seed "
+                        f"(default: {_default('search_trials')} = no search)")
+    s.add_argument("--search-seed", type=int, metavar="S",
+                   help=f"seed of the trials' sampling and training (default: {_default('search_seed')})")
     o = parser.add_argument_group("evaluation and output")
     o.add_argument("--robustness", action="store_true", default=None,
                    help="also test each fusion under per-modality noise / missing modality and report "
@@ -129,6 +141,10 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+#: Keys of a config file's ``[search]`` table -> BenchmarkConfig settings.
+_SEARCH_TABLE = {"trials": "search_trials", "seed": "search_seed", "space": "search_space"}
+
+
 def config_from_mapping(data: Dict[str, Any], source: str = "config") -> Dict[str, Any]:
     """:class:`BenchmarkConfig` keywords from a parsed config file (``datasets`` may be a
     table of named entries, see the module docstring).
@@ -139,6 +155,7 @@ def config_from_mapping(data: Dict[str, Any], source: str = "config") -> Dict[st
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a table of settings at the top level, got {type(data).__name__}")
     valid = [n for n in BenchmarkConfig.field_names() if n not in ("quick", "progress", "dataset_loaders")]
+    valid.append("search")
     unknown = sorted(set(data) - set(valid))
     if unknown:
         raise ValueError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
@@ -159,6 +176,20 @@ def config_from_mapping(data: Dict[str, Any], source: str = "config") -> Dict[st
             if entry:
                 kwargs[str(name)] = {**kwargs.get(str(name), {}), **entry}
         out["datasets"], out["dataset_loaders"], out["data_kwargs"] = names, loaders, kwargs
+    search = out.pop("search", None)
+    if search is not None:
+        if not isinstance(search, dict):
+            raise ValueError(f"{source}: [search] must be a table (trials = N, seed = S, [search.space]), "
+                             f"got {search!r}")
+        bad = sorted(set(search) - set(_SEARCH_TABLE))
+        if bad:
+            raise ValueError(f"{source}: unknown key{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))} in "
+                             f"[search]; valid keys: {', '.join(_SEARCH_TABLE)}")
+        for key, name in _SEARCH_TABLE.items():
+            if key in search:
+                if name in out:
+                    raise ValueError(f"{source}: {name} is given twice (top level and [search] {key})")
+                out[name] = search[key]
     if "logreg_cs" in out and isinstance(out["logreg_cs"], list):
         out["logreg_cs"] = tuple(out["logreg_cs"])
     return out
@@ -202,7 +233,8 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
                       ("encoder", "encoder"), ("hidden", "hidden"), ("embed_dim", "embed_dim"),
                       ("head_hidden", "head_hidden"), ("early_stop", "early_stop"), ("patience", "patience"),
                       ("device", "device"), ("num_threads", "num_threads"), ("jobs", "jobs"), ("output", "output"),
-                      ("robustness", "robustness"), ("logreg_c", "logreg_cs")):
+                      ("robustness", "robustness"), ("logreg_c", "logreg_cs"),
+                      ("search_trials", "search_trials"), ("search_seed", "search_seed")):
         value = getattr(args, opt, None)
         if value is not None:
             given[name] = value

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from multizoo_ext.runner.config import BASELINES, LOGREG, SINGLE_MODALITY, BenchmarkConfig
+from multizoo_ext.runner.search import LOGREG_KEY, describe_space, settings_text
 
 __all__ = ["summarize", "format_markdown", "make_plots", "convergence_plots", "runs_csv", "summary_csv", "TABLE_METRICS",
            "ROBUSTNESS_MEASURE"]
@@ -57,12 +58,14 @@ def summarize(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         ``seconds_per_epoch`` / ``peak_memory_mb`` ``(mean, std)``, ``parameters`` (mean),
         ``relative_robustness`` ``{setting: (mean, std)}``, ``robustness_curves``
         ``{setting: (levels, mean curve, std curve)}`` of :data:`ROBUSTNESS_MEASURE`, and ``modalities``
-        (best-single-modality: the modality chosen per seed). Std is the sample std (ddof=1)
-        over seeds, NaN with one seed.
+        (best-single-modality: the modality chosen per seed), and ``search`` (the search's
+        outcome for this method: trials, chosen trial and settings, its validation score;
+        None without a search). Std is the sample std (ddof=1) over seeds, NaN with one
+        seed. Search trials (``stage == "search"``) are left out: they are no test results.
     """
     groups: Dict[Tuple[str, str, str], List[Dict[str, Any]]] = {}
     for run in runs:
-        if run.get("status") == "ok":
+        if run.get("status") == "ok" and run.get("stage") != "search":
             groups.setdefault((run["dataset"], run.get("variant") or "", run["method"]), []).append(run)
     out: List[Dict[str, Any]] = []
     for (dataset, variant, method), rows in groups.items():
@@ -75,6 +78,7 @@ def summarize(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "seconds_per_epoch": _stats([r.get("seconds_per_epoch") for r in rows])[:2],
             "peak_memory_mb": _stats([r.get("peak_memory_mb") for r in rows])[:2],
             "parameters": _stats([r.get("parameters") for r in rows])[0],
+            "search": rows[0].get("search"),
         }
         if method == SINGLE_MODALITY:
             row["modalities"] = [r.get("modality") for r in rows]
@@ -128,12 +132,22 @@ def _settings_line(cfg: BenchmarkConfig) -> str:
             f"weight decay {cfg.weight_decay:g}, encoder {cfg.encoder} (hidden {cfg.hidden}, embedding "
             f"{cfg.embed_dim}), {head}; test metrics of the epoch with the best validation score.")
     if cfg.baselines:
+        searched_c = bool(cfg.search_trials) and LOGREG_KEY in (cfg.search_space or {})
+        cs = "C from the search (below)" if searched_c else \
+            f"C in {{{', '.join(f'{c:g}' for c in cfg.logreg_cs)}}} chosen on validation"
         line += (" Baselines: the same encoder + head on each modality alone (best by validation), and "
-                 f"logistic regression on standardised concatenated features with C in "
-                 f"{{{', '.join(f'{c:g}' for c in cfg.logreg_cs)}}} chosen on validation.")
+                 f"logistic regression on standardised concatenated features with {cs}.")
     if cfg.sweep:
         axes = "; ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in cfg.sweep.items())
         line += f" Sweep: {axes} (every combination is its own row, labelled [setting=value])."
+    if cfg.search_trials:
+        line += (f"\n\nTuning budget: {cfg.search_trials} search trials per method and dataset, the same for every "
+                 f"method (baselines included), sampled with search seed {cfg.search_seed} over: "
+                 f"{describe_space(cfg.search_space)} (each method samples only its own keys: the shared training "
+                 f"settings for every trained method, {LOGREG_KEY} for logistic regression, the FUSION-scoped keys "
+                 f"for that fusion). Each trial trained with seed {cfg.search_seed} and was scored on the validation "
+                 "split only; the best trial's settings (table \"chosen settings\") were then run for every seed "
+                 "and scored on test. The settings above apply where the space has no key.")
     return line + " Peak memory on CPU: growth of the process's max RSS (approximate).\n"
 
 
@@ -167,6 +181,21 @@ def format_markdown(summary: Sequence[Dict[str, Any]], config: Optional[Benchmar
             vals += [f"{ref['metrics'][k]:.4f}" if k in ref["metrics"] else "-" for k in keys] + ["-", "-", "-"]
             lines.append("| " + " | ".join(vals) + " |")
         parts.append("\n".join(lines) + "\n")
+        searched = [r for r in rows if r.get("search")]
+        if searched:
+            parts.append(f"Chosen settings on {dataset} (best of the search trials by validation score):\n")
+            chead = ["method", "trials", "chosen trial", "valid score", "chosen settings"]
+            clines = ["| " + " | ".join(chead) + " |", "|" + "---|" * len(chead)]
+            for r in searched:
+                info = r["search"]
+                score = info.get("valid_score")
+                metric = info.get("selection_metric") or ""
+                clines.append("| " + " | ".join([
+                    _short_label(r), str(info.get("trials")),
+                    "none (every trial failed)" if info.get("trial") is None else str(info["trial"]),
+                    "n/a" if score is None else f"{score:.4f} ({metric})",
+                    settings_text(info.get("settings") or {})]) + " |")
+            parts.append("\n".join(clines) + "\n")
         if refs:
             parts.append("References (numbers from elsewhere, not run here; their splits and settings may differ): "
                          + "; ".join(f"[{i}] {ref['source']}" for i, ref in enumerate(refs, 1)) + "\n")
@@ -290,7 +319,7 @@ def convergence_plots(runs: Sequence[Dict[str, Any]], out_dir: Path) -> List[Pat
     for run in runs:
         history = run.get("history") or []
         values = [h.get("train_solver_converged") for h in history]
-        if run.get("status") == "ok" and values and all(v is not None for v in values):
+        if run.get("status") == "ok" and run.get("stage") != "search" and values and all(v is not None for v in values):
             label = run.get("variant") or run["method"]
             curves.setdefault(run["dataset"], {}).setdefault(label, []).append([float(v) for v in values])
     if not curves:
@@ -325,7 +354,7 @@ def convergence_plots(runs: Sequence[Dict[str, Any]], out_dir: Path) -> List[Pat
 
 # ----------------------------------------------------------------------------- CSV
 #: Columns of results.csv before the flattened test metrics.
-RUN_COLUMNS = ("dataset", "variant", "method", "kind", "seed", "task", "status", "config_hash", "valid_score",
+RUN_COLUMNS = ("dataset", "variant", "method", "kind", "stage", "trial", "seed", "task", "status", "config_hash", "valid_score",
                "selection_metric", "epochs_run", "best_epoch", "seconds_per_epoch", "total_seconds", "parameters",
                "peak_memory_mb", "memory_measure", "torch_threads", "device", "version", "finished_at", "error")
 
@@ -340,16 +369,20 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def runs_csv(runs: Sequence[Dict[str, Any]]) -> str:
-    """One line per run, flat columns: :data:`RUN_COLUMNS`, then ``test_<metric>`` for every
-    test metric any run has, then ``setting_<key>`` for every scalar setting of ``config``
-    (lists and dicts as JSON)."""
+    """One line per run, flat columns: :data:`RUN_COLUMNS` (``stage`` "search" marks a search
+    trial, scored on validation only), then ``test_<metric>`` for every test metric any run
+    has, ``valid_<metric>`` for the trials' validation metrics, then ``setting_<key>`` for
+    every scalar setting of ``config`` (lists and dicts as JSON)."""
     metrics = sorted({k for r in runs for k in (r.get("test") or {})})
+    valid = sorted({k for r in runs for k in (r.get("valid_metrics") or {})})
     settings = sorted({k for r in runs for k in (r.get("config") or {})} - {"dataset", "method"})
-    header = list(RUN_COLUMNS) + [f"test_{m}" for m in metrics] + [f"setting_{k}" for k in settings]
+    header = list(RUN_COLUMNS) + [f"test_{m}" for m in metrics] + [f"valid_{m}" for m in valid] + \
+        [f"setting_{k}" for k in settings]
     rows = []
     for r in runs:
         cfg = r.get("config") or {}
         cells = [r.get(c) for c in RUN_COLUMNS] + [(r.get("test") or {}).get(m) for m in metrics]
+        cells += [(r.get("valid_metrics") or {}).get(m) for m in valid]
         cells += [json.dumps(cfg[k], sort_keys=True) if isinstance(cfg.get(k), (dict, list)) else cfg.get(k)
                   for k in settings]
         rows.append(cells)
@@ -359,12 +392,14 @@ def runs_csv(runs: Sequence[Dict[str, Any]]) -> str:
 def summary_csv(summary: Sequence[Dict[str, Any]], references: Sequence[Dict[str, Any]] = ()) -> str:
     """One line per (dataset, sweep point, method) of :func:`summarize`: ``<metric>_mean`` /
     ``<metric>_std`` for every test metric, seconds per epoch, peak memory and parameters;
-    then one line per reference row (``kind`` = "reference", its ``source``, std empty)."""
+    then one line per reference row (``kind`` = "reference", its ``source``, std empty).
+    After a search: ``search_trials``, ``chosen_trial``, ``chosen_valid_score`` and
+    ``chosen_settings`` (JSON) of each method (empty without a search)."""
     metrics = sorted({k for s in summary for k in s["metrics"]} | {k for r in references for k in r["metrics"]})
     header = ["dataset", "variant", "method", "kind", "task", "n", "seeds"]
     header += [f"{m}_{part}" for m in metrics for part in ("mean", "std")]
     header += ["seconds_per_epoch_mean", "seconds_per_epoch_std", "peak_memory_mb_mean", "peak_memory_mb_std",
-               "parameters", "source"]
+               "parameters", "source", "search_trials", "chosen_trial", "chosen_valid_score", "chosen_settings"]
 
     def num(v: Any) -> Any:
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
@@ -377,11 +412,14 @@ def summary_csv(summary: Sequence[Dict[str, Any]], references: Sequence[Dict[str
             mean, std = s["metrics"].get(m, (None, None))
             cells += [num(mean), num(std)]
         cells += [num(v) for v in (*s["seconds_per_epoch"], *s["peak_memory_mb"], s["parameters"])] + [None]
+        info = s.get("search") or {}
+        cells += [info.get("trials"), info.get("trial"), num(info.get("valid_score")),
+                  json.dumps(info["settings"], sort_keys=True) if info else None]
         rows.append(cells)
     for r in references:
         cells = [r["dataset"], "", r["method"], "reference", None, None, None]
         for m in metrics:
             cells += [r["metrics"].get(m), None]
-        cells += [None] * 5 + [r["source"]]
+        cells += [None] * 5 + [r["source"]] + [None] * 4
         rows.append(cells)
     return _csv_text(header, rows)

@@ -1,6 +1,8 @@
 """:func:`run_benchmark`: run (or resume) a grid of datasets x sweep points x seeds x methods.
 
-Every run is independent and reproducible: it seeds everything from its own seed, builds
+With a search stage, the trials of every method run first (the same number for each,
+scored on validation only; :mod:`multizoo_ext.runner.search`), then the seeded runs at each
+method's best trial's settings. Every run is independent and reproducible: it seeds everything from its own seed, builds
 its own data loaders (so the training loader's shuffle generator starts afresh) and its own
 model (:func:`multizoo_ext.builder.build_method`, the method's registered recipe with the
 config's overrides on top). A run's result therefore depends only on its settings, not on
@@ -10,6 +12,8 @@ which runs came before it, the order of the grid, an interruption, or the worker
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -34,6 +38,7 @@ from multizoo_ext.runner.config import (BASELINES, LOGREG, SINGLE_MODALITY, Benc
                                         jsonable, settings_hash)
 from multizoo_ext.runner.report import (ROBUSTNESS_MEASURE, TABLE_METRICS, convergence_plots, format_markdown,
                                         make_plots, runs_csv, summarize, summary_csv)
+from multizoo_ext.runner.search import choose_trials, expand_trials
 from multizoo_ext.runner.store import ResultsStore, atomic_write_text, move_aside
 from multizoo_ext.training_structures.supervised import test, train
 from multizoo_ext.utils import resolve_device
@@ -51,6 +56,12 @@ RUN_KEYS = (
     "seed",               # seed of the data split, initial weights and data order
     "variant",            # the sweep point's label ("" without a sweep); not in the run files, where
                           # one run can serve several sweep points that leave its settings unchanged
+    "stage",              # "search" (a trial of the search stage, scored on validation only: "test" is
+                          # None, "valid_metrics" holds its validation metrics) or "final" (a seeded run)
+    "trial",              # the trial's index within its method's search (None for a final run)
+    "search",             # trial: {"trial", "settings"}; final run after a search: the search's outcome
+                          # {"trials", "trial", "settings", "valid_score", "selection_metric", "space",
+                          # "search_seed"}; None without a search
     "task",               # "classification", "multilabel" or "regression"
     "status",             # "ok" (or "failed", with "error", when fail_fast is off)
     "config_hash",        # hash of "config" (resume key, part of the run file's name)
@@ -192,11 +203,18 @@ def _fit(cfg: BenchmarkConfig, device: torch.device, seed: int, task: str, encod
                  seed=seed, patience=cfg.patience, progress=False)
 
 
+def _split_loaders(cfg: BenchmarkConfig, run: RunSpec) -> Tuple[Any, Any, Any]:
+    """``(train, valid, evaluated)`` loaders of a run: a search trial is evaluated on the
+    validation split (it never sees the test split), a final run on test."""
+    train_dl, valid_dl, test_dl = _loaders(cfg, run.dataset, run.seed)
+    return train_dl, valid_dl, (valid_dl if run.stage == "search" else test_dl)
+
+
 def _run_fusion(cfg: BenchmarkConfig, run: RunSpec, spec: DataSpec, m: Any, device: torch.device) -> Dict[str, Any]:
     """Train and test ``m`` (built by :func:`_build` for this run, untrained)."""
     t0 = time.perf_counter()
     probe = _MemoryProbe(device)
-    train_dl, valid_dl, test_dl = _loaders(cfg, run.dataset, run.seed)
+    train_dl, valid_dl, test_dl = _split_loaders(cfg, run)
     res = _fit(cfg, device, run.seed, spec.task, m.encoders, m.fusion, m.head, train_dl, valid_dl, m.objective,
                m.objective_args_dict, m.fusion_lr_mult)
     metrics = test(res.model, test_dl, task=spec.task, no_robust=True, full=True, device=device)
@@ -229,7 +247,7 @@ def _run_single(cfg: BenchmarkConfig, run: RunSpec, spec: DataSpec, device: torc
         return _fit(cfg, device, run.seed, spec.task, encoders, fusion, head, train_dl, valid_dl, objective,
                     objective_args, lr_mult)
 
-    entry = run_single_modality(spec, lambda: _loaders(cfg, run.dataset, run.seed), fit, run.seed, cfg.encoder,
+    entry = run_single_modality(spec, lambda: _split_loaders(cfg, run), fit, run.seed, cfg.encoder,
                                 cfg.hidden, cfg.embed_dim, cfg.head_hidden, device)
     entry.update(**probe.result(), robustness=None, relative_robustness=None, robustness_levels=None,
                  total_seconds=time.perf_counter() - t0)
@@ -238,7 +256,7 @@ def _run_single(cfg: BenchmarkConfig, run: RunSpec, spec: DataSpec, device: torc
 
 def _run_logreg(cfg: BenchmarkConfig, run: RunSpec, spec: DataSpec) -> Dict[str, Any]:
     t0 = time.perf_counter()
-    train_dl, valid_dl, test_dl = _loaders(cfg, run.dataset, run.seed)
+    train_dl, valid_dl, test_dl = _split_loaders(cfg, run)
     entry = logistic_regression(loader_arrays(train_dl), loader_arrays(test_dl), spec.task, spec.n_out,
                                 cfg.logreg_cs, valid=loader_arrays(valid_dl))
     entry.update(epochs_run=None, best_epoch=None, seconds_per_epoch=None, peak_memory_mb=None, memory_measure=None,
@@ -258,6 +276,8 @@ def execute(run: RunSpec, store: ResultsStore, device: torch.device) -> Tuple[Di
     """
     cfg = run.config
     settings = cfg.run_settings(run.dataset, run.method)
+    if run.stage == "search":
+        settings["stage"] = "search"  # a trial is scored on validation: never the same run as a final one
     spec: Optional[DataSpec] = None
     method: Any = None
     try:
@@ -268,7 +288,7 @@ def execute(run: RunSpec, store: ResultsStore, device: torch.device) -> Tuple[Di
         config_hash = settings_hash(settings)
         done = store.find(run.dataset, run.method, run.seed, config_hash)
         if done is not None:
-            return {**done, "variant": run.variant}, True
+            return {**done, **_marks(run)}, True
         _warm_up(device)
         spec = spec or _spec(cfg, run.dataset, run.seed)
         if run.method == SINGLE_MODALITY:
@@ -284,19 +304,30 @@ def execute(run: RunSpec, store: ResultsStore, device: torch.device) -> Tuple[Di
         logger.warning("%s / %s / seed %d failed: %s", run.dataset, run.method, run.seed, exc)
         config_hash = settings_hash(settings)
         result, status = {}, {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    if run.stage == "search" and "test" in result:  # what a trial measured is the validation split
+        result["valid_metrics"], result["test"] = result.pop("test"), None
+        for per in result.get("per_modality") or []:
+            per["valid_metrics"], per["test"] = per.pop("test"), None
     entry = {"dataset": run.dataset, "method": run.method, "kind": "baseline" if run.method in BASELINES else "fusion",
              "seed": run.seed, "task": spec.task if spec is not None else "unknown",
-             **status, "config_hash": config_hash, "config": settings, **result,
+             **status, "config_hash": config_hash, "config": settings, **result, **_marks(run),
              "torch_threads": torch.get_num_threads(), "device": str(device), "version": __version__,
              "finished_at": datetime.now(timezone.utc).isoformat(timespec="microseconds")}
+    entry.pop("variant")
     entry = jsonable(entry)
     store.put(entry)
     entry = {**entry, "variant": run.variant}
-    if entry["status"] == "ok":
+    if entry["status"] == "ok" and entry.get("test"):
         headline = TABLE_METRICS[entry["task"]][0]
         logger.info("%s / %s / seed %d: test %s %.4f (%.1fs)", run.dataset, run.method, run.seed, headline,
                     entry["test"].get(headline) or math.nan, entry["total_seconds"])
     return entry, False
+
+
+def _marks(run: RunSpec) -> Dict[str, Any]:
+    """What an entry says of its place in this grid: sweep label, stage, trial index and the
+    search's trial settings / outcome (not part of the run's settings)."""
+    return jsonable({"variant": run.variant, "stage": run.stage, "trial": run.trial, "search": run.search})
 
 
 def _worker(run: RunSpec, folder: str, device: str, threads: Optional[int]) -> Tuple[Dict[str, Any], bool]:
@@ -308,8 +339,8 @@ def _worker(run: RunSpec, folder: str, device: str, threads: Optional[int]) -> T
 # ----------------------------------------------------------------------------- the grid
 class BenchmarkResults(list):
     """What :func:`run_benchmark` returns: the list of run entries (dicts, see
-    :data:`RUN_KEYS`) of the configured grid, reused and new, in grid order, with extra
-    attributes.
+    :data:`RUN_KEYS`) of the configured grid, reused and new, in grid order (search trials
+    first), with extra attributes.
 
     Attributes:
         summary: :func:`summarize` of the entries (means/stds, curves: the plotted data).
@@ -345,6 +376,47 @@ class BenchmarkResults(list):
                             self.config_path, self.source_path) if p is not None] + list(self.figures)
 
 
+def _execute_all(runs: List[RunSpec], store: ResultsStore, device: torch.device,
+                 pool: Optional[ProcessPoolExecutor], out: Path, threads: Optional[int], bar: Any,
+                 counts: List[int]) -> List[Dict[str, Any]]:
+    """Execute ``runs`` here (``pool`` None) or in ``pool``'s workers; their entries in the
+    order of ``runs``. ``counts`` (computed, reused) is updated."""
+    results: List[Optional[Dict[str, Any]]] = [None] * len(runs)
+
+    def done(i: int, entry: Dict[str, Any], was_reused: bool) -> None:
+        results[i] = entry
+        counts[0] += not was_reused
+        counts[1] += was_reused
+        bar.update()
+
+    if pool is None:
+        for i, run in enumerate(runs):
+            bar.set_postfix_str(f"{run.dataset}/{run.method}/" + (f"trial {run.trial}" if run.stage == "search"
+                                                                  else f"seed {run.seed}"))
+            done(i, *execute(run, store, device))
+    else:
+        futures = {pool.submit(_worker, run, str(out), str(device), threads): i for i, run in enumerate(runs)}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in finished:
+                done(futures[fut], *fut.result())  # re-raises a worker's exception (fail_fast)
+    return [r for r in results if r is not None]
+
+
+def _chosen_run(run: RunSpec, best: Dict[str, Any]) -> RunSpec:
+    """``run`` with the settings of its method's best trial (its own seed); without a
+    successful trial (all failed, ``fail_fast`` off) the configured settings, with a warning."""
+    info = {k: v for k, v in best.items() if k != "config"}
+    if best["config"] is None:
+        logger.warning("%s / %s: every search trial failed; its runs use the configured settings",
+                       run.dataset, run.method)
+        return dataclasses.replace(run, search=info)
+    chosen = copy.deepcopy(best["config"])
+    chosen.robustness = run.config.robustness  # trials run without robustness; final runs as configured
+    return dataclasses.replace(run, config=chosen, search=info)
+
+
 def _config_record(cfg: BenchmarkConfig) -> Dict[str, Any]:
     return jsonable({k: v for k, v in asdict(cfg).items() if k not in ("progress",)})
 
@@ -356,7 +428,10 @@ def _start_method() -> str:
 
 
 def run_benchmark(config: BenchmarkConfig, config_text: Optional[Tuple[str, str]] = None) -> BenchmarkResults:
-    """Run (or resume) the grid ``datasets x sweep points x seeds x (fusions + baselines)``.
+    """Run (or resume) the grid ``datasets x sweep points x seeds x (fusions + baselines)``;
+    with ``search_trials > 0``, first the search stage (:mod:`multizoo_ext.runner.search`:
+    the same number of trials for every method, scored on validation) and then every seed at
+    each method's chosen settings.
 
     Every run is written to its own file in ``<output>/runs/`` as it finishes (atomically:
     see :mod:`multizoo_ext.runner.store`), and ``results.json`` (index of every run in the
@@ -371,8 +446,9 @@ def run_benchmark(config: BenchmarkConfig, config_text: Optional[Tuple[str, str]
             beside the results as given.
 
     Returns:
-        :class:`BenchmarkResults`: the entries of this grid (``list`` of dicts) with the
-        summary, Markdown and paths.
+        :class:`BenchmarkResults`: the entries of this grid (``list`` of dicts: the search
+        trials first, ``stage == "search"``, then the seeded runs) with the summary, Markdown
+        and paths.
 
     Raises:
         ValueError: a bad config or an unreadable single-file ``results.json``; with
@@ -385,36 +461,27 @@ def run_benchmark(config: BenchmarkConfig, config_text: Optional[Tuple[str, str]
     moved = None if cfg.resume else move_aside(out)
     store = ResultsStore(out)
     runs = expand_runs(cfg)
+    trials = expand_trials(cfg) if cfg.search_trials else []
     threads = cfg.num_threads if cfg.jobs == 1 else (cfg.num_threads or 1)
-    results: List[Optional[Dict[str, Any]]] = [None] * len(runs)
-    computed = reused = 0
-    bar = tqdm(total=len(runs), desc="benchmark", disable=None if cfg.progress is None else not cfg.progress)
+    counts = [0, 0]  # computed, reused
+    bar = tqdm(total=len(trials) + len(runs), desc="benchmark",
+               disable=None if cfg.progress is None else not cfg.progress)
     with contextlib.ExitStack() as stack:
         stack.callback(bar.close)
+        pool: Optional[ProcessPoolExecutor] = None
         if cfg.jobs == 1:
             stack.enter_context(_thread_limit(threads))
-            for i, run in enumerate(runs):
-                bar.set_postfix_str(f"{run.dataset}/{run.method}/seed {run.seed}")
-                entry, was_reused = execute(run, store, device)
-                results[i] = entry
-                reused += was_reused
-                computed += not was_reused
-                bar.update()
         else:
             pool = ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context(_start_method()))
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-            futures = {pool.submit(_worker, run, str(out), str(device), threads): i for i, run in enumerate(runs)}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for fut in done:
-                    entry, was_reused = fut.result()  # re-raises a worker's exception (fail_fast)
-                    results[futures[fut]] = entry
-                    reused += was_reused
-                    computed += not was_reused
-                    bar.update()
+        trial_entries = _execute_all(trials, store, device, pool, out, threads, bar, counts)
+        if trials:
+            chosen = choose_trials(trials, trial_entries, cfg)
+            runs = [_chosen_run(run, chosen[(run.dataset, run.variant, run.method)]) for run in runs]
+        results = _execute_all(runs, store, device, pool, out, threads, bar, counts)
+    computed, reused = counts
     store.rebuild_index()
-    grid = [r for r in results if r is not None]
+    grid = trial_entries + results
     summary = summarize(grid)
     markdown = format_markdown(summary, cfg)
     paths = {"json_path": store.index_path, "markdown_path": out / "results.md", "csv_path": out / "results.csv",

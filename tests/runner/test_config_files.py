@@ -146,7 +146,7 @@ def test_json_config_and_command_line_wins(tmp_path):
     assert cfg.epochs == 2 and cfg.seeds == [3] and cfg.fusions == ["concat"]
 
 
-@pytest.mark.parametrize("name", ["benchmark_digits.toml", "sweep_digits.toml"])
+@pytest.mark.parametrize("name", ["benchmark_digits.toml", "sweep_digits.toml", "search_digits.toml"])
 def test_example_configs_are_valid(name):
     kwargs, _ = load_config_file(str(REPO / "examples" / name))
     cfg = BenchmarkConfig(**kwargs).validated()
