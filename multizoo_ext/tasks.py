@@ -56,10 +56,14 @@ def resolve_task(task: Optional[str], criterion: Optional[Callable[..., Any]] = 
     classification."""
     if task is not None:
         return check_task(task)
+    return _implied_task(criterion) or "classification"
+
+
+def _implied_task(criterion: Any) -> Optional[str]:
     for cls, implied in _TASK_OF_CRITERION:
         if isinstance(criterion, cls):
             return implied
-    return "classification"
+    return None
 
 
 def default_criterion(task: str) -> nn.Module:
@@ -118,7 +122,18 @@ def task_loss(criterion: Callable[[Tensor, Tensor], Tensor], pred: Tensor, truth
         criterion: loss module or function ``(pred, truth) -> scalar``.
         pred: ``(B, n_out)`` model output.
         truth: labels, on any device.
+
+    Raises:
+        ValueError / TypeError: labels that break the rules of the task the criterion implies
+            (:func:`check_labels`: a class outside the head, a fractional class, a multi-hot
+            value other than 0/1, a target shape that does not match): objectives called by
+            a loop that does not check them (MultiBench's ``train()``) fail clearly too.
     """
+    task = _implied_task(criterion)
+    soft = task == "classification" and isinstance(truth, Tensor) and truth.is_floating_point() \
+        and tuple(truth.shape) == tuple(pred.shape)  # class-probability targets
+    if task is not None and isinstance(truth, Tensor) and not soft:
+        check_labels(truth, task, where="the objective's labels", pred_shape=tuple(pred.shape))
     return criterion(pred, prepare_truth(criterion, pred, truth))
 
 

@@ -355,6 +355,7 @@ def _ms_terms(sim: Tensor, labels: Tensor, cfg: _Config, mining: bool,
         empty = sums.eq(0)  # no kept pair: exactly 0, as log1p gives below (not log(e^-s) + s)
         tot = sums.add_(torch.exp(-shift))
         terms = torch.log(tot).add_(shift).masked_fill_(empty, 0.0)
+        tot.masked_fill_(empty, 1.0)  # exp(-shift) may underflow (half types): no 0 / 0 in the weights
     else:
         # log(1 + sum exp(x)) = log1p(sum exp(x)): exactly 0 for an anchor without a kept
         # pair, and the logits are bounded (see _needs_shift), so nothing overflows.
@@ -402,8 +403,9 @@ class _MeanMultiSimilarity(torch.autograd.Function):
         low, _ = _norm_range(norm, embeddings, name)
         # As F.normalize: norms below eps are clamped (those rows are only rescaled, so their
         # backward has no projection term).
-        clamped = low < _NORM_EPS
-        denom = norm.clamp_min(_NORM_EPS) if clamped else norm
+        eps = max(_NORM_EPS, torch.finfo(embeddings.dtype).tiny)  # representable in the half types
+        clamped = low < eps
+        denom = norm.clamp_min(eps) if clamped else norm
         normed = embeddings / denom  # (B, D)
         sim = F.linear(normed, normed)  # (B, B) = normed @ normed.T
         terms, weights = _ms_terms(sim, labels, cfg, mining, ctx.needs_input_grad[0])

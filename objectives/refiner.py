@@ -42,7 +42,7 @@ from multizoo_ext.objectives.multisimilarity import (
     DEFAULT_EPSILON,
     multi_similarity_anchor_losses,
 )
-from multizoo_ext.validation import check_modalities
+from multizoo_ext.validation import check_finite, check_modalities
 
 __all__ = [
     "REFINER_KINDS",
@@ -239,8 +239,23 @@ class RefinerLoss(nn.Module):
                 )
 
     def forward(self, reconstructions: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:
-        """``sum_i w_i * L(reconstructions[i], targets[i])`` (scalar)."""
+        """``sum_i w_i * L(reconstructions[i], targets[i])`` (scalar); 0 (with the graph of
+        the reconstructions) for an empty batch.
+
+        Raises:
+            ValueError / TypeError: counts, shapes or dtypes that do not match, or NaN/Inf
+                values.
+        """
         self._check(reconstructions, targets)
+        if reconstructions[0].shape[0] == 0:  # no sample: nothing to reconstruct (not a mean of nothing)
+            self.last_terms = [r.detach().sum() * 0 for r in reconstructions]
+            return sum(r.sum() * 0 for r in reconstructions)
+        with torch.no_grad():  # one sum per tensor, one host sync: a finite total proves every value finite
+            probe = torch.stack([x.sum(dtype=torch.float32) for x in (*reconstructions, *targets)]).sum()
+        if not math.isfinite(float(probe)):
+            for i, (r, t) in enumerate(zip(reconstructions, targets)):
+                check_finite(r.detach(), f"RefinerLoss reconstruction {i}")
+                check_finite(t.detach(), f"RefinerLoss target {i}")
         terms = [self._term(r, t.to(r.dtype)) for r, t in zip(reconstructions, targets)]
         weights = self.weights if self.weights is not None else (self.default_weight,) * len(terms)
         self.last_terms = [term.detach() for term in terms]
