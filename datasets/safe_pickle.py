@@ -15,7 +15,6 @@ Example:
 """
 from __future__ import annotations
 
-import io
 import pickle
 import warnings
 from pathlib import Path

@@ -30,7 +30,6 @@ Measured results: docs/RESULTS.md and docs/deq.md.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -38,15 +37,8 @@ from torch import nn
 
 from multizoo_ext import create_dataset, seed_everything
 from multizoo_ext.builder import build_method, infer_data_spec
+from multizoo_ext.cli import key_value
 from multizoo_ext.training_structures import test, train
-
-
-def _kv(text: str) -> dict:
-    key, _, value = text.partition("=")
-    try:
-        return {key: json.loads(value)}
-    except json.JSONDecodeError:
-        return {key: value}
 
 
 @torch.no_grad()
@@ -73,8 +65,8 @@ def solver_statistics(model: nn.Module, loader) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fusion", default="deq", help="registered fusion (default: deq)")
-    p.add_argument("--fusion-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE")
-    p.add_argument("--objective-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE")
+    p.add_argument("--fusion-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE")
+    p.add_argument("--objective-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (the CLI's default)")

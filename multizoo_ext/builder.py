@@ -21,6 +21,7 @@ from torch import nn
 
 from multizoo_ext.registry import FUSIONS, OBJECTIVES, create_dataset, create_encoder, create_fusion, create_objective
 from multizoo_ext.utils import seed_everything
+from multizoo_ext.validation import check_number
 from multizoo_ext.tasks import default_criterion
 
 
@@ -106,9 +107,8 @@ def build_encoders(spec: DataSpec, encoder: str = DEFAULT_ENCODER, hidden: int =
     (flatten only)."""
     if encoder not in ENCODER_CHOICES:
         raise ValueError(f"encoder must be one of {ENCODER_CHOICES}, got {encoder!r}")
-    for name, value in (("hidden", hidden), ("embed_dim", embed_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_number("hidden", hidden, 1, integer=True)
+    check_number("embed_dim", embed_dim, 1, integer=True)
     encs: List[nn.Module] = []
     for d in spec.input_dims:
         if encoder == "identity":
@@ -236,8 +236,7 @@ def build_method(spec: DataSpec, fusion: str, *, encoder: str = DEFAULT_ENCODER,
     obj_kwargs = dict(recipe.objective_kwargs) if obj_name == recipe.objective and obj_name is not None else {}
     obj_kwargs.update(objective_kwargs or {})
     mult = recipe.fusion_lr_mult if fusion_lr_mult is None else fusion_lr_mult
-    if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not math.isfinite(mult) or mult <= 0:
-        raise ValueError(f"fusion_lr_mult must be a finite number > 0, got {mult!r}")
+    check_number("fusion_lr_mult", mult, 0, strict=True)
     if head_hidden is not None and (isinstance(head_hidden, bool) or not isinstance(head_hidden, int)
                                     or head_hidden < 1):
         raise ValueError(f"head_hidden must be None or an integer >= 1, got {head_hidden!r}")

@@ -20,19 +20,18 @@ import torch
 
 from multizoo_ext import __version__
 from multizoo_ext.registry import list_datasets, list_fusions
+from multizoo_ext.utils import parse_value
 
 logger = logging.getLogger("multizoo_ext.cli")
 
 
-def _kv(text: str) -> Dict[str, Any]:
-    """Parse ``key=value`` (value as JSON when possible: numbers, true/false, lists)."""
+def key_value(text: str) -> Dict[str, Any]:
+    """``argparse`` type of ``KEY=VALUE`` options: ``{key: value}``, the value as JSON when
+    possible (numbers, true/false, null, lists), else the string."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
     key, value = text.split("=", 1)
-    try:
-        return {key: json.loads(value)}
-    except json.JSONDecodeError:
-        return {key: value}
+    return {key: parse_value(value)}
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -41,17 +40,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--dataset", default="digits", choices=list_datasets(),
                    help="registered dataset (default: digits, bundled with scikit-learn, no download)")
-    p.add_argument("--data-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+    p.add_argument("--data-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="extra keyword for the dataset's get_dataloader, e.g. --data-arg path=data/ROSMAP "
                         "(repeatable)")
     p.add_argument("--fusion", default="concat", choices=list_fusions(), help="registered fusion (default: concat)")
-    p.add_argument("--fusion-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+    p.add_argument("--fusion-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="extra keyword for the fusion's constructor, e.g. --fusion-arg rank=8 (repeatable; "
                         "null passes None)")
     p.add_argument("--objective", default=None, choices=[PLAIN_OBJECTIVE] + list_objectives(),
                    help="objective factory; default: the one the fusion's recipe names (refnet -> refnet, "
                         f"deq -> deq, others: the task's plain loss); '{PLAIN_OBJECTIVE}' forces the plain loss")
-    p.add_argument("--objective-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+    p.add_argument("--objective-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="extra keyword for the objective factory, e.g. --objective-arg ms_weight=0 (repeatable)")
     p.add_argument("--encoder", default=DEFAULT_ENCODER, choices=list(ENCODER_CHOICES),
                    help=f"per-modality encoder: an MLP to --embed-dim, or identity (default: {DEFAULT_ENCODER})")
@@ -137,7 +136,7 @@ def _add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a folder written by 'multizoo-ext train' (best.pt + best.json)")
     p.add_argument("--dataset", default=None, choices=list_datasets(),
                    help="dataset to score on (default: the one the run was trained on, same split)")
-    p.add_argument("--data-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+    p.add_argument("--data-arg", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="extra keyword for the dataset's get_dataloader (repeatable)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the run's)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the run's)")
@@ -149,7 +148,7 @@ def run_evaluate(args: argparse.Namespace) -> str:
     from multizoo_ext.runs import evaluate_run, load_model
 
     run = load_model(args.run_dir)
-    metrics = evaluate_run(args.run_dir, args.dataset, _merged(args.data_arg), args.batch_size, args.seed,
+    metrics = evaluate_run(run, args.dataset, _merged(args.data_arg), args.batch_size, args.seed,
                            args.device)
     task = run.config["method"]["spec"]["task"]
     keys = [k for k in _SHOWN[task] if k in metrics]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from sklearn import metrics as skm
 
-from multizoo_ext.tasks import TASKS, check_task  # noqa: F401  (re-exported: one owner of the task rules)
+from multizoo_ext.tasks import TASKS, check_task  # noqa: F401  (TASKS re-exported: one owner of the task rules)
 
 # The metric each task selects the best epoch on, and whether larger is better.
 SELECTION_METRIC = {"classification": ("accuracy", True), "multilabel": ("f1_macro", True),

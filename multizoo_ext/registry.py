@@ -15,11 +15,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar
 
 logger = logging.getLogger(__name__)
+
+from multizoo_ext.validation import check_number
 
 T = TypeVar("T", bound=Callable[..., Any])
 
@@ -48,9 +49,7 @@ class Recipe:
     fusion_lr_mult: float = 1.0
 
     def __post_init__(self) -> None:
-        mult = self.fusion_lr_mult
-        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not math.isfinite(mult) or mult <= 0:
-            raise ValueError(f"Recipe.fusion_lr_mult must be a finite number > 0, got {mult!r}")
+        check_number("Recipe.fusion_lr_mult", self.fusion_lr_mult, 0, strict=True)
         object.__setattr__(self, "objective_kwargs", dict(self.objective_kwargs))
         object.__setattr__(self, "fusion_kwargs", dict(self.fusion_kwargs))
 

@@ -94,11 +94,12 @@ def load_model(run_dir: PathLike, map_location: str = "cpu") -> LoadedRun:
     return LoadedRun(model, config, weights.parent)
 
 
-def evaluate_run(run_dir: PathLike, dataset: Optional[str] = None, data_kwargs: Optional[Mapping[str, Any]] = None,
-                 batch_size: Optional[int] = None, seed: Optional[int] = None,
-                 device: Optional[str] = None) -> Dict[str, Any]:
-    """Score a saved run on the test split of a dataset: by default the one it was trained on,
-    with the same loader keywords and seed (so the same split), giving its recorded test metrics.
+def evaluate_run(run_dir: Union[PathLike, LoadedRun], dataset: Optional[str] = None,
+                 data_kwargs: Optional[Mapping[str, Any]] = None, batch_size: Optional[int] = None,
+                 seed: Optional[int] = None, device: Optional[str] = None) -> Dict[str, Any]:
+    """Score a saved run (its folder, or the :class:`LoadedRun` of :func:`load_model`) on the
+    test split of a dataset: by default the one it was trained on, with the same loader
+    keywords and seed (so the same split), giving its recorded test metrics.
 
     Returns:
         every metric of :func:`multizoo_ext.metrics.compute_metrics` for the run's task.
@@ -106,7 +107,7 @@ def evaluate_run(run_dir: PathLike, dataset: Optional[str] = None, data_kwargs: 
     from multizoo_ext.registry import create_dataset
     from multizoo_ext.training_structures.supervised import test
 
-    run = load_model(run_dir)
+    run = run_dir if isinstance(run_dir, LoadedRun) else load_model(run_dir)
     cfg = run.config
     name = dataset or cfg.get("dataset")
     if name is None:

@@ -1,9 +1,10 @@
-"""Seeding and device resolution, shared by loops, datasets and the CLI."""
+"""Seeding, device resolution and command-line values, shared by loops, datasets and the CLI."""
 from __future__ import annotations
 
+import json
 import os
 import random
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -65,3 +66,12 @@ def resolve_device(device: DeviceLike = None) -> torch.device:
 def count_parameters(module: torch.nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameters of ``module``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON when it parses (numbers, true/false, null, lists, objects),
+    else the string as given (``data/ROSMAP``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

@@ -2,7 +2,8 @@
 
 For fusions: :func:`check_input_dims` validates the constructor's widths (``input_dims``
 and the like), :func:`check_fusion_inputs` a forward's list of modality tensors (count,
-batch, widths, dtype against the fusion's parameters, NaN/Inf).
+batch, widths, dtype against the fusion's parameters, NaN/Inf). For settings:
+:func:`check_number` (a finite number or an integer above a bound).
 """
 from __future__ import annotations
 
@@ -145,3 +146,15 @@ def parameter_dtype(module: torch.nn.Module) -> Optional[torch.dtype]:
         if p.is_floating_point():
             return p.dtype
     return None
+
+
+def check_number(name: str, value: Any, low: float, *, strict: bool = False, integer: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a finite number ``> low`` (``strict``) or ``>= low``;
+    with ``integer``, an int (not a bool)."""
+    kind = "an integer" if integer else "a finite number"
+    ok_type = isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real)
+    if isinstance(value, bool) or not ok_type:
+        raise ValueError(f"{name} must be {kind} {'>' if strict else '>='} {low}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or (v <= low if strict else v < low):
+        raise ValueError(f"{name} must be {kind} {'>' if strict else '>='} {low}, got {value!r}")

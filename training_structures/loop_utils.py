@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import numbers
 import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -41,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from multizoo_ext.checkpoint import save_checkpoint
-from multizoo_ext.validation import check_finite
+from multizoo_ext.validation import check_finite, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -146,18 +145,6 @@ def trainable_parameters(modules: Iterable[nn.Module]) -> List[nn.Parameter]:
                 seen.add(id(p))
                 out.append(p)
     return out
-
-
-def check_number(name: str, value: Any, low: float, *, strict: bool = False, integer: bool = False) -> None:
-    """Raise ValueError unless ``value`` is a finite number ``> low`` (``strict``) or ``>= low``;
-    with ``integer``, an int (not a bool)."""
-    kind = "an integer" if integer else "a finite number"
-    ok_type = isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real)
-    if isinstance(value, bool) or not ok_type:
-        raise ValueError(f"{name} must be {kind} {'>' if strict else '>='} {low}, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or (v <= low if strict else v < low):
-        raise ValueError(f"{name} must be {kind} {'>' if strict else '>='} {low}, got {value!r}")
 
 
 def check_modules(named: Sequence[Tuple[str, Any]]) -> None:

@@ -24,6 +24,7 @@ import torch
 from multizoo_ext.builder import PLAIN_OBJECTIVE
 from multizoo_ext.registry import DATASETS, FUSIONS, OBJECTIVES
 from multizoo_ext.utils import resolve_device
+from multizoo_ext.validation import check_number
 
 __all__ = ["BenchmarkConfig", "RunSpec", "expand_runs", "jsonable", "settings_hash", "SINGLE_MODALITY", "LOGREG",
            "BASELINES", "QUICK_SETTINGS", "SWEEPABLE", "PLAIN_OBJECTIVE"]
@@ -195,9 +196,7 @@ class BenchmarkConfig:
         cfg.seeds = _unique([int(s) for s in cfg.seeds], "seeds")
         _check_training(cfg)
         for name, low in (("jobs", 1), ("search_trials", 0), ("search_seed", 0)):
-            value = getattr(cfg, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_number(name, getattr(cfg, name), low, integer=True)
         cfg.data_kwargs = _scoped(cfg.data_kwargs, "data_kwargs", "dataset entry", cfg.datasets, cfg.dataset_loaders)
         cfg.fusion_kwargs = _scoped(cfg.fusion_kwargs, "fusion_kwargs", "fusion", FUSIONS.names())
         cfg.objective_kwargs = _scoped(cfg.objective_kwargs, "objective_kwargs", "fusion", FUSIONS.names())
@@ -268,9 +267,7 @@ class BenchmarkConfig:
 
 def _check_training(cfg: BenchmarkConfig) -> None:
     for name, low in (("epochs", 1), ("batch_size", 1), ("hidden", 1), ("embed_dim", 1), ("patience", 0)):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_number(name, getattr(cfg, name), low, integer=True)
     if cfg.head_hidden is not None and (isinstance(cfg.head_hidden, bool) or
                                         not isinstance(cfg.head_hidden, (int, np.integer)) or cfg.head_hidden < 1):
         raise ValueError(f"head_hidden must be None or an integer >= 1, got {cfg.head_hidden!r}")

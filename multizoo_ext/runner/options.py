@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from multizoo_ext.runner.config import PLAIN_OBJECTIVE, QUICK_SETTINGS, BenchmarkConfig
+from multizoo_ext.utils import parse_value
 
 __all__ = ["add_benchmark_arguments", "config_from_args", "load_config_file", "config_from_mapping"]
 
@@ -34,11 +35,7 @@ def _scoped_kv(text: str) -> Tuple[str, str, Any]:
     scope, colon, key = left.partition(":")
     if not sep or not colon or not scope or not key:
         raise argparse.ArgumentTypeError(f"expected NAME:KEY=VALUE (e.g. rosmap:path=data/ROSMAP), got {text!r}")
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value
-    return scope.lower(), key, parsed
+    return scope.lower(), key, parse_value(value)
 
 
 def _pair(text: str) -> Tuple[str, str]:

@@ -21,7 +21,7 @@ import multiprocessing
 import sys
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from multizoo_ext import __version__
 from multizoo_ext.builder import DataSpec, infer_data_spec, seeded_loaders, seeded_method
-from multizoo_ext.metrics import SELECTION_METRIC, TASKS
+from multizoo_ext.metrics import SELECTION_METRIC
 from multizoo_ext.runner.baselines import loader_arrays, logistic_regression, run_single_modality
 from multizoo_ext.runner.config import (BASELINES, LOGREG, SINGLE_MODALITY, BenchmarkConfig, RunSpec, expand_runs,
                                         jsonable, settings_hash)
@@ -40,6 +40,7 @@ from multizoo_ext.runner.report import (ROBUSTNESS_MEASURE, TABLE_METRICS, conve
                                         make_plots, runs_csv, summarize, summary_csv)
 from multizoo_ext.runner.search import choose_trials, expand_trials
 from multizoo_ext.runner.store import ResultsStore, atomic_write_text, move_aside
+from multizoo_ext.tasks import TASKS
 from multizoo_ext.training_structures.supervised import test, train
 from multizoo_ext.utils import resolve_device
 
