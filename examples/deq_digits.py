@@ -12,8 +12,10 @@ package is installed::
 
 What it does:
 
-1. ``create_dataset("digits")`` gives (train, valid, test) loaders yielding ``[left, right, y]``.
-2. ``build_method(spec, "deq")``, the builder the CLI and the benchmark runner use, builds one
+1. ``seeded_loaders("digits", seed, batch_size)`` gives (train, valid, test) loaders yielding
+   ``[left, right, y]``.
+2. ``seeded_method(spec, "deq", seed)`` (``build_method``, the builder the CLI and the
+   benchmark runner use, after seeding as they do) builds one
    MLP encoder per view (32 -> 64 -> 32), ``DEQFusion([32, 32])`` (the fused state is the fixed
    point of a purify-then-combine map, found by Anderson acceleration, gradients by implicit
    differentiation; ``jac_reg=True``), a Linear head, and the method's registered recipe:
@@ -35,8 +37,7 @@ import time
 import torch
 from torch import nn
 
-from multizoo_ext import create_dataset, seed_everything
-from multizoo_ext.builder import build_method, infer_data_spec
+from multizoo_ext.builder import infer_data_spec, seeded_loaders, seeded_method
 from multizoo_ext.cli import key_value
 from multizoo_ext.training_structures import test, train
 
@@ -75,11 +76,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    seed_everything(args.seed)
-    train_dl, valid_dl, test_dl = create_dataset("digits", batch_size=args.batch_size, seed=args.seed)
-    spec = infer_data_spec(train_dl)
-    m = build_method(spec, args.fusion, fusion_kwargs={k: v for d in args.fusion_arg for k, v in d.items()},
+    # the seeding order of `multizoo-ext train` and the runner: the same seed gives the same numbers
+    spec = infer_data_spec(seeded_loaders("digits", args.seed, args.batch_size)[0])
+    m = seeded_method(spec, args.fusion, args.seed, fusion_kwargs={k: v for d in args.fusion_arg for k, v in d.items()},
                      objective_kwargs={k: v for d in args.objective_arg for k, v in d.items()} or None)
+    train_dl, valid_dl, test_dl = seeded_loaders("digits", args.seed, args.batch_size)
 
     t0 = time.perf_counter()
     result = train(m.encoders, m.fusion, m.head, train_dl, valid_dl, args.epochs, task=spec.task,

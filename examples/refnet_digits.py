@@ -11,8 +11,10 @@ package is installed::
 
 What it does:
 
-1. ``create_dataset("digits")`` gives (train, valid, test) loaders yielding ``[left, right, y]``.
-2. ``build_method(spec, "refnet")``, the builder the CLI and the benchmark runner use, builds one
+1. ``seeded_loaders("digits", seed, batch_size)`` gives (train, valid, test) loaders yielding
+   ``[left, right, y]``.
+2. ``seeded_method(spec, "refnet", seed)`` (``build_method``, the builder the CLI and the
+   benchmark runner use, after seeding as they do) builds one
    MLP encoder per view (32 -> 64 -> 32), ``ReFNet(Concat)`` as the fusion (per-view refiners
    decode the fused embedding back to each view's embedding), a Linear head, and the method's
    registered recipe: ``refnet_objective`` (cross-entropy + 0.1 x cosine refiner loss per view
@@ -27,8 +29,7 @@ import argparse
 
 import torch
 
-from multizoo_ext import create_dataset, seed_everything
-from multizoo_ext.builder import build_method, infer_data_spec
+from multizoo_ext.builder import infer_data_spec, seeded_loaders, seeded_method
 from multizoo_ext.cli import key_value
 from multizoo_ext.training_structures import test, train
 
@@ -45,11 +46,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)  # tiny model: one thread is fastest
 
-    seed_everything(args.seed)
-    train_dl, valid_dl, test_dl = create_dataset("digits", batch_size=args.batch_size, seed=args.seed)
-    spec = infer_data_spec(train_dl)
-    m = build_method(spec, args.fusion, fusion_kwargs={k: v for d in args.fusion_arg for k, v in d.items()},
+    # the seeding order of `multizoo-ext train` and the runner: the same seed gives the same numbers
+    spec = infer_data_spec(seeded_loaders("digits", args.seed, args.batch_size)[0])
+    m = seeded_method(spec, args.fusion, args.seed, fusion_kwargs={k: v for d in args.fusion_arg for k, v in d.items()},
                      objective_kwargs={k: v for d in args.objective_arg for k, v in d.items()} or None)
+    train_dl, valid_dl, test_dl = seeded_loaders("digits", args.seed, args.batch_size)
 
     result = train(m.encoders, m.fusion, m.head, train_dl, valid_dl, args.epochs, task=spec.task,
                    optimtype=torch.optim.AdamW, lr=args.lr, weight_decay=1e-2, save=None, device="cpu",
