@@ -94,14 +94,17 @@ class DEQVariant(DEQFusion):
             | 'zero' (W_g = 0, bias 0: the multiplicative term starts at 0) (hypothesis a).
         injection: 'sum' (x_f = sum_i w_i x_i + b) | 'proj' (Linear of the concatenation) (c).
         output: 'zf' | 'zf+xf' | 'cat' (concat(z_f*, x_1..x_M)) (hypothesis g).
+        residual_init: 'default' (PyTorch's Linear init of the modality blocks) | 'zero'
+            (each block's W2 at 0) (hypothesis h).
     """
 
     def __init__(self, input_dims: Sequence[int], width: Optional[int] = None, *, out_norm: str = "gn",
-                 gate_init: Optional[str] = None, injection: str = "sum", output: str = "zf", **kw) -> None:
+                 gate_init: Optional[str] = None, injection: str = "sum", output: str = "zf",
+                 residual_init: str = "default", **kw) -> None:
         # gate 'zero' and the projected injection are DEQFusion's own options (its defaults);
         # None / 'sum' give the published layer
         super().__init__(input_dims, width, gate_init="zero" if gate_init == "zero" else "default",
-                         injection=injection, **kw)
+                         injection=injection, residual_init=residual_init, **kw)
         self.out_norm, self.output = out_norm, output
         M, d = self.num_modalities, self.width
         if gate_init == "one":
@@ -140,8 +143,9 @@ class DEQVariant(DEQFusion):
 VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     "concat": (None, 0.0, 1.0, "Concat (reference point)"),
     "deq": ({}, 0.1, 1.0, "baseline: the published layer (fusion 'deq_paper'), jac 0.1, uniform lr"),
-    "deq_default": ({"gate_init": "zero", "injection": "proj"}, 0.1, 1.0,
-                    "the package's default layer (fusion 'deq'): gate at zero + projected injection"),
+    "deq_default": ({"gate_init": "zero", "injection": "proj", "residual_init": "zero"}, 0.1, 1.0,
+                    "the package's default layer (fusion 'deq'): gate at zero + projected injection "
+                    "+ residual branches at zero"),
     # (a) gate / fused-state initialisation
     "a_gate_one": ({"gate_init": "one"}, 0.1, 1.0, "W_g = 0, bias: sum_i a_i = 1 at init"),
     "a_gate_zero": ({"gate_init": "zero"}, 0.1, 1.0, "W_g = 0 and bias 0: z_f' = GN(ReLU(x_f + b_f)) at init"),
@@ -163,6 +167,8 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     # (g) what the head sees
     "g_cat": ({"output": "cat"}, 0.1, 1.0, "output concat(z_f*, x_1..x_M)"),
     "g_zf_xf": ({"output": "zf+xf"}, 0.1, 1.0, "output z_f* + x_f"),
+    # (h) initialisation of the modality blocks
+    "h_res_zero": ({"residual_init": "zero"}, 0.1, 1.0, "each modality block's W2 at 0"),
 }
 
 

@@ -395,7 +395,7 @@ def test_implicit_max_residual_falls_back_to_the_jacobian_free_gradient(staged_b
     dims = [5, 7]
     # the reference's initialisation: some samples stay far from the fixed point
     kw = dict(width=16, f_tol=1e-10, f_max_iter=100, b_tol=1e-10, b_max_iter=100, gate_init="default",
-              injection="sum")
+              injection="sum", residual_init="default")
     xs = _inputs(dims, B=5, dtype=torch.float64)
 
     def grads(**extra):
