@@ -47,12 +47,19 @@ class TensorFusion(nn.Module):
 
     Args:
         input_dims: optional widths (sets ``out_dim`` and checks inputs).
+        max_out_dim: the largest ``prod_i (d_i + 1)`` accepted with ``input_dims`` (a wider
+            product is refused at construction instead of exhausting memory in the head:
+            6 modalities of width 32 would give 33**6, about 1.3e9 features). Default: 2**24.
     """
 
-    def __init__(self, input_dims: Optional[Sequence[int]] = None) -> None:
+    def __init__(self, input_dims: Optional[Sequence[int]] = None, max_out_dim: int = 2 ** 24) -> None:
         super().__init__()
         self.input_dims = None if input_dims is None else check_input_dims(input_dims, "TensorFusion")
         self.out_dim = math.prod(d + 1 for d in self.input_dims) if self.input_dims else None
+        if self.out_dim is not None and self.out_dim > max_out_dim:
+            raise ValueError(f"TensorFusion: output width prod(d_i + 1) = {self.out_dim:,} for input_dims "
+                             f"{list(self.input_dims)} exceeds max_out_dim = {max_out_dim:,}; expected narrower "
+                             "encoders (embed_dim) or fewer modalities")
 
     def forward(self, modalities: List[torch.Tensor]) -> torch.Tensor:
         flat = check_fusion_inputs(modalities, "TensorFusion", self.input_dims)  # (B, d_i)

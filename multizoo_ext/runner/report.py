@@ -24,16 +24,18 @@ __all__ = ["summarize", "format_markdown", "make_plots", "convergence_plots", "r
 logger = logging.getLogger(__name__)
 
 #: Metrics shown in the Markdown table (and the bar plots) per task; the first one is the
-#: headline metric logged per run. F1 is macro-averaged for classification.
+#: headline metric logged per run. Classification shows F1 both macro-averaged (every class
+#: counts the same) and weighted by class support.
 TABLE_METRICS: Dict[str, Tuple[str, ...]] = {
-    "classification": ("accuracy", "f1_macro", "auroc"),
+    "classification": ("accuracy", "f1_macro", "f1_weighted", "auroc"),
     "multilabel": ("f1_micro", "f1_macro"),
     "regression": ("mse", "mae"),
 }
 #: The measure robustness curves follow (MultiBench's key in test()'s robustness dict).
 ROBUSTNESS_MEASURE: Dict[str, str] = {"classification": "Accuracy", "multilabel": "macro", "regression": "MSE"}
 _METRIC_LABEL = {"Accuracy": "accuracy", "macro": "F1 (macro)", "MSE": "MSE",
-                 "accuracy": "accuracy", "f1_macro": "F1 (macro)", "f1_micro": "F1 (micro)", "auroc": "AUROC",
+                 "accuracy": "accuracy", "f1_macro": "F1 (macro)", "f1_micro": "F1 (micro)",
+                 "f1_weighted": "F1 (weighted)", "auroc": "AUROC",
                  "mse": "MSE", "mae": "MAE"}
 
 

@@ -176,3 +176,12 @@ def test_finite_inputs_whose_sum_overflows_are_accepted():
         Concat([3, 4])(xs)
     half = [torch.full((2, 3), 6e4, dtype=torch.float16), torch.full((2, 4), 6e4, dtype=torch.float16)]
     assert Concat()(half).dtype == torch.float16
+
+
+def test_tensor_fusion_refuses_a_product_wider_than_max_out_dim():
+    assert TensorFusion([32] * 4).out_dim == 33 ** 4                 # 1,185,921 <= 2**24: accepted
+    with pytest.raises(ValueError, match=r"prod\(d_i \+ 1\) = 1,291,467,969 .* max_out_dim = 16,777,216"):
+        TensorFusion([32] * 6)                                       # 33**6: refused before the head exists
+    assert TensorFusion([2, 3], max_out_dim=12).out_dim == 12         # the limit itself is accepted
+    with pytest.raises(ValueError, match="exceeds max_out_dim = 11"):
+        TensorFusion([2, 3], max_out_dim=11)

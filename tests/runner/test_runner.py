@@ -154,6 +154,7 @@ def test_markdown_mean_std_matches_json_by_hand(grid):
     stored = _load_runs(out)
     acc = [r["test"]["accuracy"] for r in stored if r["method"] == "concat"]
     f1 = [r["test"]["f1_macro"] for r in stored if r["method"] == "concat"]
+    f1w = [r["test"]["f1_weighted"] for r in stored if r["method"] == "concat"]
     md = (out / "results.md").read_text()
     assert md == runs.markdown
     lines = [ln for ln in md.splitlines() if ln.startswith("|")]
@@ -162,6 +163,8 @@ def test_markdown_mean_std_matches_json_by_hand(grid):
     cell = row[header.index("test accuracy")]
     assert cell == f"{statistics.mean(acc):.4f} ± {statistics.stdev(acc):.4f}"
     assert row[header.index("test F1 (macro)")] == f"{statistics.mean(f1):.4f} ± {statistics.stdev(f1):.4f}"
+    assert row[header.index("test F1 (weighted)")] == f"{statistics.mean(f1w):.4f} ± {statistics.stdev(f1w):.4f}"
+    assert header[2:6] == ["test accuracy", "test F1 (macro)", "test F1 (weighted)", "test AUROC"]
     assert row[header.index("runs")] == "2"
     params = next(r["parameters"] for r in stored if r["method"] == "concat")
     assert row[header.index("parameters")] == f"{params:,}"
