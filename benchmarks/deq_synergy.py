@@ -169,6 +169,9 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     "g_zf_xf": ({"output": "zf+xf"}, 0.1, 1.0, "output z_f* + x_f"),
     # (h) initialisation of the modality blocks
     "h_res_zero": ({"residual_init": "zero"}, 0.1, 1.0, "each modality block's W2 at 0"),
+    # (i) cost of the gradient: backward tolerance and the penalty's random vectors
+    "i_btol": ({"b_tol": 1e-2}, 0.1, 1.0, "backward tolerance 1e-2"),
+    "i_jacv1": ({"jac_vectors": 1}, 0.1, 1.0, "one random vector in the Jacobian penalty's estimate"),
 }
 
 
