@@ -358,19 +358,20 @@ def to_markdown(result: Dict[str, Any]) -> str:
     seeds = list(result["seeds"])
     variants = [v for v in VARIANTS if v in result["seeds"][seeds[0]]]
     lines = ["| seed | " + " | ".join(f"{v}: acc / F1 / AUROC (epoch)" for v in variants)
-             + " | " + " | ".join(f"{v}: last-epoch acc" for v in variants) + " |",
+             + " | " + " | ".join(f"{v}: last epoch acc / AUROC" for v in variants) + " |",
              "|---|" + "---|" * (2 * len(variants))]
     for s in seeds:
         r = result["seeds"][s]
         cells = [f"{r[v]['selected']['acc']:.3f} / {r[v]['selected']['f1']:.3f} / {r[v]['selected']['auroc']:.3f} "
                  f"({r[v]['selected']['epoch']})" for v in variants]
-        cells += [f"{r[v]['last']['acc']:.3f}" for v in variants]
+        cells += [f"{r[v]['last']['acc']:.3f} / {r[v]['last']['auroc']:.3f}" for v in variants]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     cells = []
     for v in variants:
         cells.append(" / ".join(_mean_std([result["seeds"][s][v]["selected"][k] for s in seeds])
                                 for k in ("acc", "f1", "auroc")))
-    cells += [_mean_std([result["seeds"][s][v]["last"]["acc"] for s in seeds]) for v in variants]
+    cells += [" / ".join(_mean_std([result["seeds"][s][v]["last"][k] for s in seeds]) for k in ("acc", "auroc"))
+              for v in variants]
     lines.append("| mean ± std | " + " | ".join(cells) + " |")
     lines += ["", "| | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     lines.append("| seconds per epoch (mean over seeds) | " + " | ".join(
@@ -394,9 +395,9 @@ def to_markdown(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reference", required=True, help="checkout of jinhong-ni/DEQFusion (outside this repository)")
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference", help="checkout of jinhong-ni/DEQFusion (outside this repository)")
     p.add_argument("--data", default="../shared/data/ROSMAP", help="MOGONET ROSMAP folder (1_tr.csv, labels_tr.csv, ...)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=300, help="training epochs (their loop runs epochs 0..N); their ROSMAP "
@@ -404,10 +405,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--out", default=None, help="JSON file for the full result")
     p.add_argument("--markdown", default=None, help="Markdown file for the tables")
+    p.add_argument("--from-json", default=None, help="only print the tables of an earlier run's --out file")
     a = p.parse_args(argv)
+    if a.from_json:
+        print(to_markdown(json.loads(Path(a.from_json).read_text())))
+        return {}
+    if not a.reference:
+        p.error("--reference PATH (a checkout of jinhong-ni/DEQFusion) is required unless --from-json is given")
     if a.epochs < 0:
         p.error(f"--epochs must be >= 0, got {a.epochs}")
-    result = run(a.reference, a.data, a.seeds, a.epochs, a.variants, a.out)
+    try:
+        result = run(a.reference, a.data, a.seeds, a.epochs, a.variants, a.out)
+    except (ReferenceUnavailable, FileNotFoundError) as exc:
+        p.error(str(exc))
     md = to_markdown(result)
     print(md)
     if a.markdown:
