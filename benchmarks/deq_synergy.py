@@ -152,6 +152,7 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     # (b) GroupNorm on z_f'
     "b_norm_none": ({"out_norm": "none"}, 0.1, 1.0, "no GroupNorm on z_f' (ReLU only)"),
     "b_norm_ln": ({"out_norm": "ln"}, 0.1, 1.0, "one-group GroupNorm (layer norm) on z_f'"),
+    "b_groups1": ({"num_groups": 1}, 0.1, 1.0, "one group in every GroupNorm of the layer"),
     # (c) injection
     "c_inj_proj": ({"injection": "proj"}, 0.1, 1.0, "x_f = Linear(concat(x_1..x_M))"),
     # (d) Jacobian weight

@@ -106,8 +106,11 @@ class DEQDefaults:
     #: concatenation, so x_f keeps which modality a feature came from. The reference's function
     #: is ``DEQFusion(..., gate_init="default", injection="sum")``.
     injection: str = "proj"
-    #: Log non-convergence (WARNING) at most once per this many forwards.
+    #: Log non-convergence at most once per this many forwards: at WARNING when fewer than
+    #: ``warn_fraction`` of the window's samples reached the tolerance, else at INFO (a few
+    #: stragglers get the Jacobian-free gradient and are no cause for alarm).
     warn_every: int = 100
+    warn_fraction: float = 0.95
 
 
 #: The single instance the constructor reads.
@@ -319,7 +322,8 @@ class DEQFusion(nn.Module):
             stage, in ``info['stages']``, when ``staged``). Default: False.
         solver_kwargs: extra solver options for both solves (e.g. ``{'m': 5, 'lam': 1e-4,
             'beta': 1.0, 'check_every': 4}``); solver defaults otherwise.
-        warn_every: log non-convergence at WARNING at most once per this many forwards.
+        warn_every: log non-convergence at most once per this many forwards, at WARNING when
+            fewer than 95 % of the window's samples reached the tolerance, else at INFO.
             Default: 100.
         gate_init: ``'zero'`` (default): the gate ``W_g`` starts at weight 0 and bias 0, so the
             multiplicative term starts at 0 and switches on as the gate learns (the fused update
@@ -601,7 +605,8 @@ class DEQFusion(nn.Module):
         if self._window.forwards >= self.warn_every:                  # one host sync per window
             window = self._window.take()
             if window["converged"] < window["samples"]:
-                logger.warning(
+                level = logging.WARNING if window["fraction_converged"] < DEQ_DEFAULTS.warn_fraction else logging.INFO
+                logger.log(level,
                     "DEQFusion: %d of %d samples (%.1f%%) in the last %d forward(s) reached the %s "
                     "tolerance %g; max %s residual %.3g (raise f_max_iter, or expect approximate "
                     "fixed points)", window["converged"], window["samples"],

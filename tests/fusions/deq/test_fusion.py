@@ -495,6 +495,22 @@ def test_non_convergence_is_counted_and_logged_at_most_once_per_window(caplog):
     assert copy.deepcopy(easy).convergence_stats()["forwards"] == 0
 
 
+def test_a_few_stragglers_are_logged_at_info_not_warning(caplog):
+    # windows of one forward each (the counts are set by hand, then one empty forward's
+    # record closes the window): 3 of 4 converged (75 % < 95 %) is a WARNING, 39 of 40 INFO
+    fusion = DEQFusion([5, 7], width=8, warn_every=1)
+    with caplog.at_level("INFO", logger="multizoo_ext.fusions.deq.fusion"), torch.no_grad():
+        fusion._window.add(torch.tensor(3), torch.tensor(0.5), 4)     # a window of 4 with 1 straggler
+        fusion._record_convergence({"converged": torch.ones(0, dtype=torch.bool),
+                                    "rel_residual": torch.zeros(1)})
+        fusion._window.add(torch.tensor(39), torch.tensor(0.5), 40)   # 1 straggler in 40
+        fusion._record_convergence({"converged": torch.ones(0, dtype=torch.bool),
+                                    "rel_residual": torch.zeros(1)})
+    levels = [(r.levelname, r.getMessage().split(" in the last")[0]) for r in caplog.records]
+    assert levels == [("WARNING", "DEQFusion: 3 of 4 samples (75.0%)"),
+                      ("INFO", "DEQFusion: 39 of 40 samples (97.5%)")]
+
+
 def test_take_jacobian_penalty_checks_the_batch_and_is_read_once():
     torch.manual_seed(0)
     fusion = DEQFusion([5, 7], width=8)
