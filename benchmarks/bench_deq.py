@@ -155,6 +155,26 @@ def _load_module(name: str, path: Path) -> types.ModuleType:
     return mod
 
 
+@contextlib.contextmanager
+def importing_reference(root: os.PathLike, names: Sequence[str]) -> Iterator[None]:
+    """Around the import of reference modules: the ``sys.modules`` entries ``names`` (generic
+    top-level names the reference's files import each other by) are restored on exit, and
+    the checkout's own import errors become :class:`ReferenceUnavailable`."""
+    saved = {n: sys.modules.get(n) for n in names}
+    try:
+        yield
+    except ReferenceUnavailable:
+        raise
+    except Exception as exc:  # the checkout's own import errors
+        raise ReferenceUnavailable(f"importing the reference from {root} failed: {exc!r}") from exc
+    finally:
+        for n, mod in saved.items():
+            if mod is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = mod
+
+
 def load_reference(path: os.PathLike) -> types.SimpleNamespace:
     """Import the reference ``DEQ_fusion.py`` (+ ``solver.py``, ``jacobian.py``) from a checkout.
 
@@ -181,31 +201,14 @@ def load_reference(path: os.PathLike) -> types.SimpleNamespace:
         stub.colored = lambda text, *a, **k: text  # type: ignore[attr-defined]
         sys.modules["termcolor"] = stub
         patches.append("termcolor stub module (not installed; only used by solver.analyze_broyden)")
-    saved = {n: sys.modules.get(n) for n in ("solver", "jacobian")}
-    try:
+    with importing_reference(root, ("solver", "jacobian")):
         solver = _load_module("solver", root / "solver.py")
         jacobian = _load_module("jacobian", root / "jacobian.py")
         deq = _load_module("_deqfusion_reference", root / "DEQ_fusion.py")
-    except ReferenceUnavailable:
-        raise
-    except Exception as exc:  # the checkout's own import errors
-        raise ReferenceUnavailable(f"importing the reference from {root} failed: {exc!r}") from exc
-    finally:
-        for n, mod in saved.items():
-            if mod is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = mod
     deq.print = _silent_print  # type: ignore[attr-defined]
     solver.print = _silent_print  # type: ignore[attr-defined]
     patches.append("print -> no-op in DEQ_fusion and solver (module globals)")
-    commit = None
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return types.SimpleNamespace(module=deq, solver=solver, jacobian=jacobian, root=str(root), commit=commit,
+    return types.SimpleNamespace(module=deq, solver=solver, jacobian=jacobian, root=str(root), commit=git_commit(root),
                                  import_patches=patches)
 
 
@@ -979,13 +982,17 @@ def plot_convergence(conv: Dict[str, Any], path: os.PathLike, f_tol: Optional[fl
 
 
 # ============================================================================ run / report
-def environment(threads: int) -> Dict[str, Any]:
-    commit = None
+def git_commit(root: os.PathLike) -> Optional[str]:
+    """Short commit of the git checkout at ``root``, or None (not a checkout, no git)."""
     try:
-        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        pass
+        return None
+
+
+def environment(threads: int) -> Dict[str, Any]:
+    commit = git_commit(REPO_ROOT)
     files = {}
     for rel in ("fusions/deq/fusion.py", "fusions/deq/solvers.py", "fusions/deq/backward.py", "fusions/deq/staged.py"):
         fp = FUSIONS_DIR / Path(rel).relative_to("fusions")

@@ -44,7 +44,6 @@ import copy
 import importlib.util
 import inspect
 import json
-import math
 import statistics
 import sys
 import time
@@ -58,7 +57,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_deq import (  # noqa: E402  (the benchmark next to this script)
-    ReferenceUnavailable, _load_module, _param_pairs, _silent_print, environment, reference_patches)
+    ReferenceUnavailable, _load_module, _param_pairs, _silent_print, environment, git_commit,
+    importing_reference, reference_patches)
 
 from multizoo_ext.fusions.deq import DEQFusion  # noqa: E402
 from multizoo_ext.registry import create_fusion  # noqa: E402
@@ -95,21 +95,10 @@ def load_experiment(path: str) -> types.SimpleNamespace:
     if missing:
         raise ReferenceUnavailable(f"{exp} lacks {', '.join(missing)}: not a DEQFusion checkout")
     names = ("solver", "jacobian", "mm_model", "utils", "train_test_deq", "main", "termcolor")
-    saved = {n: sys.modules.get(n) for n in names}
-    try:
+    with importing_reference(exp, names):
         if importlib.util.find_spec("termcolor") is None:
             sys.modules["termcolor"] = types.SimpleNamespace(colored=lambda text, *a, **k: text)
         mods = {n: _load_module(n, exp / f"{n}.py") for n in names[:-1]}
-    except ReferenceUnavailable:
-        raise
-    except Exception as exc:  # their own import errors
-        raise ReferenceUnavailable(f"importing their experiment from {exp} failed: {exc!r}") from exc
-    finally:
-        for n, mod in saved.items():
-            if mod is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = mod
     for mod in mods.values():
         mod.print = _silent_print
     source = inspect.getsource(mods["train_test_deq"].train)
@@ -124,16 +113,7 @@ def load_experiment(path: str) -> types.SimpleNamespace:
     finally:
         sys.argv = argv
     return types.SimpleNamespace(mm=mods["mm_model"], tt=mods["train_test_deq"], args=args, root=str(root),
-                                 commit=_git_commit(root))
-
-
-def _git_commit(root: Path) -> Optional[str]:
-    import subprocess
-    try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+                                 commit=git_commit(root))
 
 
 def build_their_model(exp: types.SimpleNamespace, dim_list: Sequence[int], seed: int) -> nn.Module:
