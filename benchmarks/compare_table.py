@@ -32,6 +32,8 @@ from multizoo_ext.runner.config import LOGREG, SINGLE_MODALITY
 from multizoo_ext.runner.report import summarize
 
 LABELS = {LOGREG: "logistic regression", SINGLE_MODALITY: "best single view"}
+#: Row order (methods not listed follow in the order they appear).
+ORDER = ("concat", "lowrank", "tensor", "transformer", "refnet", "deq", LOGREG, SINGLE_MODALITY)
 DEFAULT_BASELINES = ("concat", "lowrank", "tensor", "transformer", LOGREG, SINGLE_MODALITY)
 
 
@@ -83,9 +85,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         runs = [json.loads(p.read_text()) for p in sorted((path / "runs").glob("*.json"))]
     else:
         runs = json.loads(path.read_text())["runs"]
+    # the order the runner wrote them in (its grid: the config's datasets), not the file names'
+    runs.sort(key=lambda r: r.get("finished_at") or "")
     summary = summarize(runs)
-    datasets = list(dict.fromkeys(r["dataset"] for r in summary))
-    methods = list(dict.fromkeys(r["method"] for r in summary))
+    datasets = list(dict.fromkeys(r["dataset"] for r in runs if r.get("stage") == "search" or r.get("test")))
+    datasets = [d for d in datasets if any(r["dataset"] == d for r in summary)]
+    seen = list(dict.fromkeys(r["method"] for r in summary))
+    methods = [m for m in ORDER if m in seen] + [m for m in seen if m not in ORDER]
     by = {(r["dataset"], r["method"]): r for r in summary}
     metrics = [args.metric] + (["f1_macro", "f1_weighted"] if args.f1 else [])
     for metric in metrics:
