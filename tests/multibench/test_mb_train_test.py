@@ -82,7 +82,7 @@ _DEQ = _HEADER + textwrap.dedent(
     before = snapshot(fusion)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        train(encoders, fusion, head, train_dl, valid_dl, 4, optimtype=torch.optim.AdamW, lr=1e-2,
+        train(encoders, fusion, head, train_dl, valid_dl, 8, optimtype=torch.optim.AdamW, lr=1e-2,
               objective=deq_objective(nn.CrossEntropyLoss()), objective_args_dict={}, save=out_dir + "/best.pt")
     recipe_warnings = sum("Jacobian penalty" in str(w.message) for w in record)
     model = torch.load(out_dir + "/best.pt", weights_only=False)   # trusted: written just above
