@@ -88,8 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # the order the runner wrote them in (its grid: the config's datasets), not the file names'
     runs.sort(key=lambda r: r.get("finished_at") or "")
     summary = summarize(runs)
-    datasets = list(dict.fromkeys(r["dataset"] for r in runs if r.get("stage") == "search" or r.get("test")))
-    datasets = [d for d in datasets if any(r["dataset"] == d for r in summary)]
+    summarised = {r["dataset"] for r in summary}
+    datasets = [d for d in dict.fromkeys(r["dataset"] for r in runs) if d in summarised]
     seen = list(dict.fromkeys(r["method"] for r in summary))
     methods = [m for m in ORDER if m in seen] + [m for m in seen if m not in ORDER]
     by = {(r["dataset"], r["method"]): r for r in summary}

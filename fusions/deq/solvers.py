@@ -352,6 +352,15 @@ def _wrap(f: Callable[..., torch.Tensor], z0: torch.Tensor, compact: bool) -> Ca
     return lambda x: f(to_user(x)).reshape(x.shape[0], -1)
 
 
+def _start(f: Callable[..., torch.Tensor], z0: torch.Tensor, tol: float, stop_mode: str, trace: bool,
+           divergence: float, check_every: Optional[int], compact: Union[bool, float]
+           ) -> Tuple[torch.Tensor, Callable[..., torch.Tensor], "_Tracker", "_Schedule"]:
+    """What every solver starts from: the flat iterate ``(B, n)``, ``f`` on flat states, the
+    per-sample tracker and the stopping / compaction schedule."""
+    x = _flatten_batch(z0)
+    return x, _wrap(f, z0, compact), _Tracker(x, tol, stop_mode, trace, divergence), _Schedule(z0, check_every, compact)
+
+
 def _finish(tracker: _Tracker, z0: torch.Tensor, max_iter: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
     info = tracker.info(max_iter)
     return tracker.result().reshape(z0.shape), info
@@ -386,10 +395,7 @@ def fixed_point_iter(f: Callable[..., torch.Tensor], z0: torch.Tensor, max_iter:
         ``(z, info)``: ``z`` shaped like ``z0``; ``info`` as in the module docstring.
     """
     _check_args(z0, max_iter, tol, stop_mode, "fixed_point_iter")
-    x = _flatten_batch(z0)                                           # (B, n)
-    g = _wrap(f, z0, compact)
-    tracker = _Tracker(x, tol, stop_mode, trace, divergence)
-    sched = _Schedule(z0, check_every, compact)
+    x, g, tracker, sched = _start(f, z0, tol, stop_mode, trace, divergence, check_every, compact)   # x: (B, n)
     beta = float(beta)
     for it in range(1, int(max_iter) + 1):
         fx = _call(g, x, tracker, compact)
@@ -442,12 +448,9 @@ def anderson(f: Callable[..., torch.Tensor], z0: torch.Tensor, max_iter: int = 5
     if int(m) < 1:
         raise ValueError(f"anderson: memory m must be >= 1, got {m}")
     m = int(m)
-    x = _flatten_batch(z0)                                           # (B, n)
-    B, n = x.shape
+    x, g_f, tracker, sched = _start(f, z0, tol, stop_mode, trace, divergence, check_every, compact)
+    B, n = x.shape                                                    # x: (B, n)
     dev, dt = x.device, x.dtype
-    g_f = _wrap(f, z0, compact)
-    tracker = _Tracker(x, tol, stop_mode, trace, divergence)
-    sched = _Schedule(z0, check_every, compact)
     beta = float(beta)
     Fm = torch.zeros(B, m, n, device=dev, dtype=dt)                   # f(x_i)      (B, m, n)
     Gm = torch.zeros(B, m, n, device=dev, dtype=dt)                   # f(x_i)-x_i  (B, m, n)
@@ -515,12 +518,9 @@ def broyden(f: Callable[..., torch.Tensor], z0: torch.Tensor, max_iter: int = 50
     L = int(max_iter) if memory is None else int(memory)
     if L < 1:
         raise ValueError(f"broyden: memory must be >= 1, got {memory}")
-    x = _flatten_batch(z0)                                           # (B, n)
-    B, n = x.shape
+    x, f_flat, tracker, sched = _start(f, z0, tol, stop_mode, trace, divergence, check_every, compact)
+    B, n = x.shape                                                    # x: (B, n)
     dev, dt = x.device, x.dtype
-    f_flat = _wrap(f, z0, compact)
-    tracker = _Tracker(x, tol, stop_mode, trace, divergence)
-    sched = _Schedule(z0, check_every, compact)
     U = torch.zeros(B, L, n, device=dev, dtype=dt)                    # (B, L, n)
     VT = torch.zeros(B, L, n, device=dev, dtype=dt)                   # (B, L, n)
 
