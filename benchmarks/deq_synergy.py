@@ -74,6 +74,13 @@ class _PatchedMap(deq_module._FusionMap):
     (the paper's GroupNorm), 'none' (ReLU only), 'ln' (GroupNorm with one group)."""
 
     out_norm = "gn"
+    gate_scale = 1.0
+
+    def __init__(self, layer, inputs) -> None:
+        super().__init__(layer, inputs)
+        self.gate_scale = getattr(layer, "gate_scale", 1.0)
+        if self.gate_scale != 1.0:       # a = c (W_g (.) + M b_g): under Adam, W_g learns c times slower
+            self.wg, self.bg = self.wg * self.gate_scale, self.bg * self.gate_scale
 
     def _norm_fused(self, z_f: torch.Tensor, a: torch.Tensor, inj_f: torch.Tensor) -> torch.Tensor:
         h = torch.addmm(inj_f, z_f * a, self.wft).relu_()
@@ -96,16 +103,18 @@ class DEQVariant(DEQFusion):
         output: 'zf' | 'zf+xf' | 'cat' (concat(z_f*, x_1..x_M)) (hypothesis g).
         residual_init: 'default' (PyTorch's Linear init of the modality blocks) | 'zero'
             (each block's W2 at 0) (hypothesis h).
+        readout: 'state' (return z_f*) | 'activation' (return the fused update's activation
+            before its GroupNorm at the fixed point) (hypothesis j).
     """
 
     def __init__(self, input_dims: Sequence[int], width: Optional[int] = None, *, out_norm: str = "gn",
                  gate_init: Optional[str] = None, injection: str = "sum", output: str = "zf",
-                 residual_init: str = "default", **kw) -> None:
+                 residual_init: str = "default", readout: str = "state", gate_scale: float = 1.0, **kw) -> None:
         # gate 'zero' and the projected injection are DEQFusion's own options (its defaults);
         # None / 'sum' give the published layer
         super().__init__(input_dims, width, gate_init="zero" if gate_init == "zero" else "default",
-                         injection=injection, residual_init=residual_init, **kw)
-        self.out_norm, self.output = out_norm, output
+                         injection=injection, residual_init=residual_init, readout=readout, **kw)
+        self.out_norm, self.output, self.gate_scale = out_norm, output, float(gate_scale)
         M, d = self.num_modalities, self.width
         if gate_init == "one":
             gate = self.fusion_block.gate
@@ -139,13 +148,31 @@ class DEQVariant(DEQFusion):
         return (fused, self.last_info) if return_info else fused
 
 
+class ConcatLayer(nn.Module):
+    """Control: what the default layer computes at initialisation (gate and residual branches
+    at zero), ``norm(ReLU(W_x [x_1; ..; x_M] + b))`` with ``norm`` 'gn' (4 groups, the layer's
+    output norm), 'ln' or 'none'; no fixed point."""
+
+    def __init__(self, input_dims: Sequence[int], width: int, norm: str = "gn") -> None:
+        super().__init__()
+        self.lin = nn.Linear(sum(input_dims), width)
+        self.norm = {"gn": nn.GroupNorm(4, width), "ln": nn.GroupNorm(1, width), "none": nn.Identity()}[norm]
+        self.out_dim = width
+
+    def forward(self, inputs):
+        return self.norm(torch.relu(self.lin(torch.cat(inputs, 1))))
+
+
 #: name -> (DEQVariant kwargs or None for Concat, Jacobian weight, fusion lr multiplier, description)
 VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     "concat": (None, 0.0, 1.0, "Concat (reference point)"),
+    "ctl_lin_gn": ({"control": "gn"}, 0.0, 1.0, "control, no DEQ: GN(ReLU(Linear(concat)))"),
+    "ctl_lin_ln": ({"control": "ln"}, 0.0, 1.0, "control, no DEQ: LN(ReLU(Linear(concat)))"),
+    "ctl_lin": ({"control": "none"}, 0.0, 1.0, "control, no DEQ: ReLU(Linear(concat))"),
     "deq": ({}, 0.1, 1.0, "baseline: the published layer (fusion 'deq_paper'), jac 0.1, uniform lr"),
-    "deq_default": ({"gate_init": "zero", "injection": "proj", "residual_init": "zero"}, 0.1, 1.0,
-                    "the package's default layer (fusion 'deq'): gate at zero + projected injection "
-                    "+ residual branches at zero"),
+    "deq_default": ({"gate_init": "zero", "injection": "proj", "residual_init": "zero", "readout": "activation"},
+                    0.1, 1.0, "the package's default layer (fusion 'deq'): gate at zero + projected "
+                    "injection + residual branches at zero + the activation before the output norm"),
     # (a) gate / fused-state initialisation
     "a_gate_one": ({"gate_init": "one"}, 0.1, 1.0, "W_g = 0, bias: sum_i a_i = 1 at init"),
     "a_gate_zero": ({"gate_init": "zero"}, 0.1, 1.0, "W_g = 0 and bias 0: z_f' = GN(ReLU(x_f + b_f)) at init"),
@@ -158,6 +185,8 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     # (d) Jacobian weight
     "d_jac0": ({"jac_reg": False}, 0.0, 1.0, "no Jacobian term"),
     "d_jac001": ({}, 0.01, 1.0, "Jacobian weight 0.01"),
+    "d_jac05": ({}, 0.5, 1.0, "Jacobian weight 0.5"),
+    "d_jac1": ({}, 1.0, 1.0, "Jacobian weight 1"),
     # (e) gradient far from the fixed point
     "e_implicit_all": ({"implicit_max_residual": None}, 0.1, 1.0, "implicit gradient for every sample"),
     "e_phantom": ({"backward": "phantom"}, 0.1, 1.0, "phantom gradient (5 steps, tau 1)"),
@@ -172,6 +201,11 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     "h_res_zero": ({"residual_init": "zero"}, 0.1, 1.0, "each modality block's W2 at 0"),
     # (i) cost of the gradient: backward tolerance and the penalty's random vectors
     "i_btol": ({"b_tol": 1e-2}, 0.1, 1.0, "backward tolerance 1e-2"),
+    "j_readout_state": ({"readout": "state"}, 0.1, 1.0, "return z_f* (after its GroupNorm)"),
+    "j_readout_act": ({"readout": "activation"}, 0.1, 1.0, "return ReLU(W_f(z_f* a*) + x_f), before the GroupNorm"),
+    "k_gate_01": ({"gate_scale": 0.1}, 0.1, 1.0, "gate sum scaled by 0.1 (W_g learns 10x slower under Adam)"),
+    "k_gate_03": ({"gate_scale": 0.3}, 0.1, 1.0, "gate sum scaled by 0.3"),
+    "k_gate_0": ({"gate_scale": 0.0}, 0.1, 1.0, "gate off (control: no multiplicative term, no fixed point to speak of)"),
     "i_jacv1": ({"jac_vectors": 1}, 0.1, 1.0, "one random vector in the Jacobian penalty's estimate"),
 }
 
@@ -219,10 +253,12 @@ def run_one(name: str, seed: int, epochs: int, lr: float, save_dir: str) -> Dict
     train_dl, valid_dl, test_dl = xor_loaders(seed)
     dim = train_dl.dataset.tensors[0].shape[1]
     encoders = [nn.Sequential(nn.Linear(dim, WIDTH), nn.ReLU()) for _ in range(2)]
-    if kw is None:
-        fusion: nn.Module = Concat([WIDTH, WIDTH])
+    if kw is None or "control" in kw:
+        fusion: nn.Module = (Concat([WIDTH, WIDTH]) if kw is None
+                             else ConcatLayer([WIDTH, WIDTH], WIDTH, kw["control"]))
         objective: Callable = nn.CrossEntropyLoss()
         args = None
+        kw = None
     else:
         kw = dict(kw)
         kw.setdefault("jac_reg", jac > 0)
