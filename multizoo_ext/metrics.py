@@ -37,11 +37,14 @@ def _safe(fn, *args, **kwargs) -> float:
 
 def classification_metrics(truth: torch.Tensor, logits: torch.Tensor) -> Dict[str, float]:
     """Args: truth ``(N,)`` class indices; logits ``(N, C)``. AUROC/AUPRC use softmax
-    probabilities (binary: of class 1; multi-class: one-vs-rest, macro)."""
+    probabilities (binary: of class 1; multi-class: one-vs-rest, macro); ``log_loss`` is the
+    mean cross-entropy of the softmax probabilities (natural log)."""
     y = _np(truth).astype(np.int64).reshape(-1)
-    probs = torch.softmax(logits.detach().float(), dim=1).cpu().numpy()  # (N, C)
+    logits = logits.detach().float().cpu()
+    probs = torch.softmax(logits, dim=1).numpy()  # (N, C)
     pred = probs.argmax(1)
-    out = {"accuracy": float(skm.accuracy_score(y, pred))}
+    out = {"accuracy": float(skm.accuracy_score(y, pred)),
+           "log_loss": float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)))}
     for avg in ("micro", "macro", "weighted"):
         out[f"f1_{avg}"] = float(skm.f1_score(y, pred, average=avg, zero_division=0))
     if probs.shape[1] == 2:
@@ -57,11 +60,15 @@ def classification_metrics(truth: torch.Tensor, logits: torch.Tensor) -> Dict[st
 
 def multilabel_metrics(truth: torch.Tensor, logits: torch.Tensor) -> Dict[str, float]:
     """Args: truth ``(N, K)`` multi-hot; logits ``(N, K)``. Predictions: sigmoid > 0.5
-    (MultiBench's ``sigmoid(out).round()``). AUROC/AUPRC: macro over labels present."""
+    (MultiBench's ``sigmoid(out).round()``). AUROC/AUPRC: macro over labels present.
+    ``log_loss``: mean binary cross-entropy over samples and labels (natural log)."""
     y = _np(truth).astype(np.int64)
-    probs = torch.sigmoid(logits.detach().float()).cpu().numpy()
+    logits = logits.detach().float().cpu()
+    probs = torch.sigmoid(logits).numpy()
     pred = (probs > 0.5).astype(np.int64)
-    out = {"accuracy": float(skm.accuracy_score(y, pred))}  # exact-match (subset) accuracy
+    out = {"accuracy": float(skm.accuracy_score(y, pred)),  # exact-match (subset) accuracy
+           "log_loss": float(torch.nn.functional.binary_cross_entropy_with_logits(
+               logits.reshape(y.shape), torch.from_numpy(y).float()))}
     for avg in ("micro", "macro", "weighted", "samples"):
         out[f"f1_{avg}"] = float(skm.f1_score(y, pred, average=avg, zero_division=0))
     present = (y.sum(0) > 0) & (y.sum(0) < len(y))

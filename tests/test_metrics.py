@@ -43,3 +43,18 @@ def test_f1_weighted_by_hand_and_against_sklearn():
     assert m["f1_weighted"] == pytest.approx((4 * 6 / 7 + 1 * 0.5 + 1 * 0.0) / 6)
     assert m["f1_weighted"] == pytest.approx(f1_score(truth.numpy(), pred.numpy(), average="weighted"))
     assert m["f1_macro"] == pytest.approx((6 / 7 + 0.5 + 0.0) / 3)
+
+
+def test_log_loss_against_sklearn_and_by_hand():
+    from sklearn.metrics import log_loss
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [-1.0, 3.0, 0.0], [0.0, 0.0, 4.0]])
+    truth = torch.tensor([0, 2, 1, 0])
+    m = compute_metrics("classification", truth, logits)
+    probs = torch.softmax(logits, 1).numpy()
+    assert m["log_loss"] == pytest.approx(log_loss(truth.numpy(), probs, labels=[0, 1, 2]), rel=1e-6)
+    # multilabel: mean binary cross-entropy over samples and labels
+    ml = compute_metrics("multilabel", torch.tensor([[1, 0], [0, 1]]), torch.tensor([[0.0, 0.0], [2.0, -2.0]]))
+    p = torch.sigmoid(torch.tensor(2.0))
+    by_hand = (2 * math.log(2) + 2 * -math.log(1 - float(p))) / 4
+    assert ml["log_loss"] == pytest.approx(by_hand, rel=1e-6)
