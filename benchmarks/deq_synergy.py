@@ -103,17 +103,15 @@ class DEQVariant(DEQFusion):
         output: 'zf' | 'zf+xf' | 'cat' (concat(z_f*, x_1..x_M)) (hypothesis g).
         residual_init: 'default' (PyTorch's Linear init of the modality blocks) | 'zero'
             (each block's W2 at 0) (hypothesis h).
-        readout: 'state' (return z_f*) | 'activation' (return the fused update's activation
-            before its GroupNorm at the fixed point) (hypothesis j).
     """
 
     def __init__(self, input_dims: Sequence[int], width: Optional[int] = None, *, out_norm: str = "gn",
                  gate_init: Optional[str] = None, injection: str = "sum", output: str = "zf",
-                 residual_init: str = "default", readout: str = "state", gate_scale: float = 1.0, **kw) -> None:
+                 residual_init: str = "default", gate_scale: float = 1.0, **kw) -> None:
         # gate 'zero' and the projected injection are DEQFusion's own options (its defaults);
         # None / 'sum' give the published layer
         super().__init__(input_dims, width, gate_init="zero" if gate_init == "zero" else "default",
-                         injection=injection, residual_init=residual_init, readout=readout, **kw)
+                         injection=injection, residual_init=residual_init, **kw)
         self.out_norm, self.output, self.gate_scale = out_norm, output, float(gate_scale)
         M, d = self.num_modalities, self.width
         if gate_init == "one":
@@ -170,9 +168,9 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     "ctl_lin_ln": ({"control": "ln"}, 0.0, 1.0, "control, no DEQ: LN(ReLU(Linear(concat)))"),
     "ctl_lin": ({"control": "none"}, 0.0, 1.0, "control, no DEQ: ReLU(Linear(concat))"),
     "deq": ({}, 0.1, 1.0, "baseline: the published layer (fusion 'deq_paper'), jac 0.1, uniform lr"),
-    "deq_default": ({"gate_init": "zero", "injection": "proj", "residual_init": "zero", "readout": "activation"},
-                    0.1, 1.0, "the package's default layer (fusion 'deq'): gate at zero + projected "
-                    "injection + residual branches at zero + the activation before the output norm"),
+    "deq_default": ({"gate_init": "zero", "injection": "proj", "residual_init": "zero"}, 0.1, 1.0,
+                    "the package's default layer (fusion 'deq'): gate at zero + projected injection "
+                    "+ residual branches at zero"),
     # (a) gate / fused-state initialisation
     "a_gate_one": ({"gate_init": "one"}, 0.1, 1.0, "W_g = 0, bias: sum_i a_i = 1 at init"),
     "a_gate_zero": ({"gate_init": "zero"}, 0.1, 1.0, "W_g = 0 and bias 0: z_f' = GN(ReLU(x_f + b_f)) at init"),
@@ -201,8 +199,6 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     "h_res_zero": ({"residual_init": "zero"}, 0.1, 1.0, "each modality block's W2 at 0"),
     # (i) cost of the gradient: backward tolerance and the penalty's random vectors
     "i_btol": ({"b_tol": 1e-2}, 0.1, 1.0, "backward tolerance 1e-2"),
-    "j_readout_state": ({"readout": "state"}, 0.1, 1.0, "return z_f* (after its GroupNorm)"),
-    "j_readout_act": ({"readout": "activation"}, 0.1, 1.0, "return ReLU(W_f(z_f* a*) + x_f), before the GroupNorm"),
     "k_gate_01": ({"gate_scale": 0.1}, 0.1, 1.0, "gate sum scaled by 0.1 (W_g learns 10x slower under Adam)"),
     "k_gate_03": ({"gate_scale": 0.3}, 0.1, 1.0, "gate sum scaled by 0.3"),
     "k_gate_0": ({"gate_scale": 0.0}, 0.1, 1.0, "gate off (control: no multiplicative term, no fixed point to speak of)"),

@@ -106,11 +106,6 @@ class DEQDefaults:
     #: concatenation, so x_f keeps which modality a feature came from. The reference's function
     #: is ``DEQFusion(..., gate_init="default", injection="sum")``.
     injection: str = "proj"
-    #: What the layer returns. "state": ``z_f*`` (the reference's). "activation": the fused
-    #: update's activation before its GroupNorm at the fixed point, ``h* = ReLU(W_f (z_f* *
-    #: a*) + x_f + b_f)`` (``z_f* = GN(h*)``), an experiment: on the synergy task it gives the
-    #: same accuracy as "state" over 8 seeds.
-    readout: str = "state"
     #: Log non-convergence at most once per this many forwards: at WARNING when fewer than
     #: ``warn_fraction`` of the window's samples reached the tolerance, else at INFO (a few
     #: stragglers get the Jacobian-free gradient and are no cause for alarm).
@@ -234,16 +229,6 @@ class _FusionMap:
         a = F.linear(z_m.view(b, M, d).sum(1) + M * z_f, self.wg, self.bg)           # (b, d)
         return torch.cat([z_m, self.fused(z_f, a, self._rows(index)[1])], 1)         # (b, (M + 1) d)
 
-    def readout(self, z: torch.Tensor) -> torch.Tensor:
-        """The fused update's activation before its GroupNorm, read at a fixed point ``z``
-        (b, (M + 1) d): ``ReLU(W_f (z_f * a) + x_f + b_f)`` (b, d), with the gate sum ``a``
-        from ``z``'s own modality states (equal to ``z_i'`` at the fixed point)."""
-        M, d = self.M, self.d
-        b = z.shape[0]
-        z_m, z_f = z.split([M * d, d], dim=1)
-        a = F.linear(z_m.view(b, M, d).sum(1) + M * z_f, self.wg, self.bg)           # (b, d)
-        return torch.addmm(self.inj_f, z_f * a, self.wft).relu()
-
     def stage(self, k: int, states: Sequence[torch.Tensor],
               outputs: Optional[Sequence[torch.Tensor]] = None) -> Callable[..., torch.Tensor]:
         """Map of stage ``k`` given the earlier stages' full-batch ``states`` (and, if already
@@ -353,9 +338,6 @@ class DEQFusion(nn.Module):
             PyTorch's Linear initialisation (the reference's). The function computed is the
             same either way. ``gate_init='default', injection='sum', residual_init='default'``
             is the reference's layer.
-        readout: ``'state'`` (default): return ``z_f*`` (the reference's); ``'activation'``:
-            return the fused update's activation before its GroupNorm at the fixed point,
-            ``h* = ReLU(W_f (z_f* * a*) + x_f + b_f)`` (``z_f* = GN(h*)``).
 
     Shapes:
         ``forward([(B, d_1), ..., (B, d_M)]) -> (B, width)``; ``(B, ...)`` inputs are
@@ -390,8 +372,7 @@ class DEQFusion(nn.Module):
                  implicit_max_residual: Optional[float] = DEQ_DEFAULTS.implicit_max_residual,
                  trace: bool = False, solver_kwargs: Optional[Mapping[str, Any]] = None,
                  warn_every: int = DEQ_DEFAULTS.warn_every, gate_init: str = DEQ_DEFAULTS.gate_init,
-                 injection: str = DEQ_DEFAULTS.injection, residual_init: str = DEQ_DEFAULTS.residual_init,
-                 readout: str = DEQ_DEFAULTS.readout) -> None:
+                 injection: str = DEQ_DEFAULTS.injection, residual_init: str = DEQ_DEFAULTS.residual_init) -> None:
         super().__init__()
         self.input_dims = check_input_dims(input_dims, "DEQFusion")
         if int(num_groups) < 1:
@@ -415,9 +396,6 @@ class DEQFusion(nn.Module):
             raise ValueError(f"DEQFusion: injection must be 'sum' or 'proj', got {injection!r}")
         if residual_init not in ("zero", "default"):
             raise ValueError(f"DEQFusion: residual_init must be 'zero' or 'default', got {residual_init!r}")
-        if readout not in ("activation", "state"):
-            raise ValueError(f"DEQFusion: readout must be 'activation' or 'state', got {readout!r}")
-        self.readout = readout
         for name, value in (("f_max_iter", f_max_iter), ("b_max_iter", b_max_iter), ("warn_every", warn_every)):
             if int(value) < 1:
                 raise ValueError(f"DEQFusion: {name} must be >= 1, got {value}")
@@ -542,10 +520,7 @@ class DEQFusion(nn.Module):
         info["jac_loss"] = None if self.jac_loss is None else self.jac_loss.detach()
         self.last_info = info
         self._record_convergence(info)
-        if self.readout == "activation":
-            fused = f.readout(z)                                         # h*, (B, d)
-        else:
-            fused = z[:, self.num_modalities * self.width:]             # z_f*, (B, d)
+        fused = z[:, self.num_modalities * self.width:]                 # z_f*, (B, d)
         return (fused, info) if return_info else fused
 
     def deq_function(self, inputs: Sequence[torch.Tensor]) -> _FusionMap:
@@ -654,8 +629,7 @@ class DEQFusion(nn.Module):
     def extra_repr(self) -> str:
         return (f"input_dims={self.input_dims}, width={self.width}, num_groups={self.num_groups}, "
                 f"solver={self.solver_name!r}, backward={self.backward_mode!r}, jac_reg={self.jac_reg}, "
-                f"gate_init={self.gate_init!r}, injection={self.injection!r}, residual_init={self.residual_init!r}, "
-                f"readout={self.readout!r}")
+                f"gate_init={self.gate_init!r}, injection={self.injection!r}, residual_init={self.residual_init!r}")
 
 
 @register_fusion("deq_paper", recipe=DEQ_RECIPE)
@@ -664,8 +638,7 @@ def build_deq_paper(input_dims: Sequence[int], **kwargs: Any) -> DEQFusion:
     gate and of the residual blocks and the summed injection (``gate_init="default",
     injection="sum", residual_init="default"``), trained with the same recipe. Other keywords
     as :class:`DEQFusion`."""
-    return DEQFusion(input_dims, **{"gate_init": "default", "injection": "sum", "residual_init": "default",
-                                    "readout": "state", **kwargs})
+    return DEQFusion(input_dims, **{"gate_init": "default", "injection": "sum", "residual_init": "default", **kwargs})
 
 
 class _ConvergenceCounts:
