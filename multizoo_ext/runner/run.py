@@ -61,8 +61,7 @@ RUN_KEYS = (
                           # None, "valid_metrics" holds its validation metrics) or "final" (a seeded run)
     "trial",              # the trial's index within its method's search (None for a final run)
     "search",             # trial: {"trial", "settings"}; final run after a search: the search's outcome
-                          # {"trials", "trial", "settings", "valid_score", "valid_log_loss" (the
-                          # tie-break), "selection_metric", "space",
+                          # {"trials", "trial", "settings", "valid_score", "selection_metric", "space",
                           # "search_seed"}; None without a search
     "task",               # "classification", "multilabel" or "regression"
     "status",             # "ok" (or "failed", with "error", when fail_fast is off)

