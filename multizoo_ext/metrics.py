@@ -38,13 +38,14 @@ def _safe(fn, *args, **kwargs) -> float:
 def classification_metrics(truth: torch.Tensor, logits: torch.Tensor) -> Dict[str, float]:
     """Args: truth ``(N,)`` class indices; logits ``(N, C)``. AUROC/AUPRC use softmax
     probabilities (binary: of class 1; multi-class: one-vs-rest, macro); ``log_loss`` is the
-    mean cross-entropy of the softmax probabilities (natural log)."""
+    mean cross-entropy of the softmax probabilities (natural log; summed in float64, so that
+    it does not depend on the order of the rows)."""
     y = _np(truth).astype(np.int64).reshape(-1)
     logits = logits.detach().float().cpu()
     probs = torch.softmax(logits, dim=1).numpy()  # (N, C)
     pred = probs.argmax(1)
     out = {"accuracy": float(skm.accuracy_score(y, pred)),
-           "log_loss": float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)))}
+           "log_loss": float(torch.nn.functional.cross_entropy(logits.double(), torch.from_numpy(y)))}
     for avg in ("micro", "macro", "weighted"):
         out[f"f1_{avg}"] = float(skm.f1_score(y, pred, average=avg, zero_division=0))
     if probs.shape[1] == 2:
@@ -68,7 +69,7 @@ def multilabel_metrics(truth: torch.Tensor, logits: torch.Tensor) -> Dict[str, f
     pred = (probs > 0.5).astype(np.int64)
     out = {"accuracy": float(skm.accuracy_score(y, pred)),  # exact-match (subset) accuracy
            "log_loss": float(torch.nn.functional.binary_cross_entropy_with_logits(
-               logits.reshape(y.shape), torch.from_numpy(y).float()))}
+               logits.double().reshape(y.shape), torch.from_numpy(y).double()))}
     for avg in ("micro", "macro", "weighted", "samples"):
         out[f"f1_{avg}"] = float(skm.f1_score(y, pred, average=avg, zero_division=0))
     present = (y.sum(0) > 0) & (y.sum(0) < len(y))
