@@ -129,6 +129,32 @@ def _solve_adjoint(f: Callable[..., torch.Tensor], out: torch.Tensor, inp: torch
     return y, info
 
 
+def _solve_adjoint_direct(jac: torch.Tensor, rhs: torch.Tensor, tol: float, stop_mode: str
+                          ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """Solve ``y = y J + rhs`` exactly for a block-diagonal per-sample ``J`` given as its blocks
+    ``jac`` (B, nb, s, s) (``rhs`` (B, nb s)): one batched linear solve ``y (I - J) = rhs``.
+    A sample whose system is singular (or not finite) gets ``y = rhs``, the Jacobian-free
+    gradient, and is flagged ``nan``. The info has the solvers' keys (``steps`` 1) and
+    ``direct`` True."""
+    B, nb, s, _ = jac.shape
+    r = rhs.reshape(B, nb, 1, s)
+    eye = torch.eye(s, device=jac.device, dtype=jac.dtype)
+    y, status = torch.linalg.solve_ex(eye - jac, r, left=False)                  # (B, nb, 1, s)
+    fy = torch.matmul(y, jac).add_(r).reshape(B, nb * s)                          # y J + rhs
+    y = y.reshape(B, nb * s)
+    abs_res, rel_res = residuals(y, fy)
+    bad = (status != 0).any(1) | ~torch.isfinite(abs_res)
+    y = torch.where(bad[:, None], rhs, y)
+    res = abs_res if stop_mode == "abs" else rel_res
+    info: Dict[str, Any] = {
+        "steps": torch.ones(B, dtype=torch.long, device=rhs.device), "abs_residual": abs_res,
+        "rel_residual": rel_res, "f_norm": torch.linalg.vector_norm(fy, dim=1),
+        "converged": ~bad & (res <= tol), "nan": bad, "diverged": torch.zeros_like(bad), "iterations": 1,
+        "stop_mode": stop_mode, "tol": float(tol), "max_iter": 1, "direct": True,
+    }
+    return y, info
+
+
 class StagedGraph:
     """``f`` at ``z`` with a graph, built stage by stage for a staged (lower block-triangular)
     map (see :mod:`multizoo_ext.fusions.deq.staged`): one leaf per column block of ``z``
@@ -151,17 +177,25 @@ class StagedGraph:
 
 
 def _solve_adjoint_staged(graph: StagedGraph, g: torch.Tensor, solve: Solve, compact: Union[bool, float],
-                          tol: float, stop_mode: str) -> Tuple[torch.Tensor, Dict[str, Any]]:
+                          tol: float, stop_mode: str, direct: bool = False) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """``y = y J_f(z) + g`` for a staged ``f`` on its :class:`StagedGraph`, last stage first:
-    stage ``k`` solves ``y_k = y_k df_k/dz_k + rhs_k``, then passes ``y_k df_k/dz_j`` to the
-    earlier stages' rhs. The graph is kept (the parameter gradients flow through it next)."""
+    stage ``k`` solves ``y_k = y_k df_k/dz_k + rhs_k`` (with ``direct``, exactly from the stage
+    map's ``jacobian`` when it has one: :func:`_solve_adjoint_direct`), then passes ``y_k
+    df_k/dz_j`` to the earlier stages' rhs. The graph is kept (the parameter gradients flow
+    through it next)."""
     K = len(graph.sizes)
     rhs = [t.contiguous() for t in g.split(graph.sizes, dim=1)]
     ys: List[Optional[torch.Tensor]] = [None] * K
     infos: List[Optional[Dict[str, Any]]] = [None] * K
     k_solve = functools.partial(solve, tol=stage_tolerance(tol, stop_mode, K))
     for k in reversed(range(K)):
-        ys[k], infos[k] = _solve_adjoint(graph.maps[k], graph.outs[k], graph.inputs[k], rhs[k], k_solve, compact)
+        jacobian = getattr(graph.maps[k], "jacobian", None) if direct else None
+        if jacobian is not None:
+            ys[k], infos[k] = _solve_adjoint_direct(jacobian(graph.inputs[k].detach()), rhs[k],
+                                                    stage_tolerance(tol, stop_mode, K), stop_mode)
+        else:
+            ys[k], infos[k] = _solve_adjoint(graph.maps[k], graph.outs[k], graph.inputs[k], rhs[k], k_solve,
+                                             compact)
         if k > 0:
             for j, c in enumerate(torch.autograd.grad(graph.outs[k], graph.inputs[:k], ys[k], retain_graph=True)):
                 rhs[j] = rhs[j] + c
@@ -200,7 +234,7 @@ class _ImplicitFn(torch.autograd.Function):
             rhs = g
         if ctx.graph is not None:
             y, binfo = _solve_adjoint_staged(ctx.graph, rhs, mode.backward_solve, mode.compact, mode.tol,
-                                             mode.stop_mode)
+                                             mode.stop_mode, mode.direct)
         else:
             # the full batch uses the forward's recomputation of f at z*
             y, binfo = _solve_adjoint(ctx.f, fz, z_in, rhs, mode.backward_solve, mode.compact)
@@ -230,19 +264,25 @@ class ImplicitBackward:
             get the Jacobian-free gradient ``y = g`` (the gradient of one application of ``f``
             at the returned iterate) instead of the implicit one, which assumes a fixed point.
             None: every sample gets the implicit gradient. Default: None.
+        direct: with ``staged``, solve each stage whose map has a ``jacobian(z)`` (its
+            per-sample Jacobian blocks ``(B, blocks, s, s)``, as the DEQ fusion's stage maps
+            have) exactly, by one batched linear solve, instead of with ``solver``.
+            Default: False.
     """
 
     solves_forward = True
 
     def __init__(self, solver: Union[str, Solve], max_iter: int, tol: float, stop_mode: str,
                  solver_options: Optional[Mapping[str, Any]] = None, compact: bool = False,
-                 staged: bool = False, implicit_max_residual: Optional[float] = None) -> None:
+                 staged: bool = False, implicit_max_residual: Optional[float] = None,
+                 direct: bool = False) -> None:
         opts = {k: v for k, v in dict(solver_options or {}).items() if k not in ("compact", "trace")}
         self.compact: Union[bool, float] = BACKWARD_COMPACT_FRACTION if compact else False
         self.tol, self.stop_mode, self.staged = float(tol), stop_mode, bool(staged)
         if implicit_max_residual is not None and not float(implicit_max_residual) > 0:
             raise ValueError(f"implicit_max_residual must be positive or None, got {implicit_max_residual!r}")
         self.implicit_max_residual = None if implicit_max_residual is None else float(implicit_max_residual)
+        self.direct = bool(direct)
         self.backward_solve: Solve = functools.partial(
             get_solver(solver), max_iter=int(max_iter), tol=float(tol), stop_mode=stop_mode, **opts)
 
@@ -361,14 +401,16 @@ def build_backward(mode: str, *, b_solver: Union[str, Solve], b_max_iter: int, b
                    solver_options: Optional[Mapping[str, Any]] = None,
                    phantom_steps: int = DEFAULT_PHANTOM_STEPS, phantom_tau: float = DEFAULT_PHANTOM_TAU,
                    unroll_steps: int = 1, f_tol: float = 0.0, compact: bool = False,
-                   staged: bool = False, implicit_max_residual: Optional[float] = None) -> Any:
+                   staged: bool = False, implicit_max_residual: Optional[float] = None,
+                   direct: bool = False) -> Any:
     """Resolve a gradient mode by name into an object with ``attach(...)`` (see the module
     docstring).
 
     Args:
         mode: ``'implicit'``, ``'phantom'`` or ``'unrolled'``.
         b_solver, b_max_iter, b_tol, stop_mode, solver_options, compact, staged,
-            implicit_max_residual: implicit mode's backward solve (see :class:`ImplicitBackward`).
+            implicit_max_residual, direct: implicit mode's backward solve (see
+            :class:`ImplicitBackward`).
         phantom_steps, phantom_tau: phantom mode.
         unroll_steps, f_tol: unrolled mode (``f_tol`` only fills ``info['converged']``).
 
@@ -378,7 +420,7 @@ def build_backward(mode: str, *, b_solver: Union[str, Solve], b_max_iter: int, b
     key = str(mode).lower()
     if key == "implicit":
         return ImplicitBackward(b_solver, b_max_iter, b_tol, stop_mode, solver_options, compact, staged,
-                                implicit_max_residual)
+                                implicit_max_residual, direct)
     if key == "phantom":
         return PhantomBackward(phantom_steps, phantom_tau)
     if key == "unrolled":

@@ -86,6 +86,11 @@ class DEQDefaults:
     #: Samples whose forward residual stays above this get the Jacobian-free gradient instead
     #: of the implicit one, which is only meaningful at a fixed point. None: implicit for all.
     implicit_max_residual: Optional[float] = 1e-2
+    #: Solve each stage's adjoint system exactly instead of iteratively: the stage's
+    #: per-sample Jacobian blocks in closed form (``(B, M, d, d)`` for the modality stage,
+    #: which is block-diagonal over the modalities, ``(B, 1, d, d)`` for the fused one), then
+    #: one batched linear solve. Off by default: it pays only at small widths (docs/deq.md).
+    b_direct: bool = False
     #: Initialisation of the gate ``W_g``. "zero" (weight and bias 0): the multiplicative term
     #: ``z_f * a_i`` starts at 0, so at initialisation ``z_f' = GN(ReLU(x_f + b_f))`` does not
     #: read ``z_f``, the fused stage is a contraction and is solved in one step, and the gate
@@ -124,6 +129,25 @@ def _group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.
     B, C = x.shape
     normed = F.layer_norm(x.view(B, groups, C // groups), (C // groups,), eps=eps)
     return torch.addcmul(bias, normed.view(B, C), weight)
+
+
+def _group_norm_jacobian_times(x: torch.Tensor, groups: int, weight: torch.Tensor, eps: float,
+                               a: torch.Tensor) -> torch.Tensor:
+    """``J_GN(x) @ a`` per row, without forming ``J_GN``: ``x`` (N, C) the GroupNorm's input,
+    ``weight`` its gain, (C,) or per row (N, C), ``a`` (N, C, P); returns (N, C, P). Per group
+    of ``k = C / groups`` channels, with ``xh`` the normalised group and ``s = sqrt(var + eps)``
+    (biased variance), ``J = diag(weight) (I - 1/k - xh xh^T / k) / s``."""
+    N, C = x.shape
+    k = C // groups
+    xg = x.view(N, groups, k)
+    var, mean = torch.var_mean(xg, dim=2, unbiased=False, keepdim=True)          # (N, G, 1)
+    inv = (var + eps).rsqrt()
+    xh = (xg - mean) * inv                                                        # (N, G, k)
+    ag = a.reshape(N, groups, k, -1)                                              # (N, G, k, P)
+    # (I - 1/k - xh xh^T / k) a = a - (mean of a over the group) - xh (xh^T a) / k
+    out = ag - ag.mean(2, keepdim=True) - xh.unsqueeze(3) * (xh.unsqueeze(2) @ ag) / k
+    gain = inv * weight.expand(N, C).reshape(N, groups, k)                        # (N, G, k)
+    return (out * gain.unsqueeze(3)).view(N, C, -1)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -219,6 +243,44 @@ class _FusionMap:
         M z_f) + M b_g`` and ``inj_f = x_f + b_f``, all ``(b, d)``."""
         return _group_norm(torch.addmm(inj_f, z_f * a, self.wft).relu_(), self.groups, *self.gnf, self.eps)
 
+    @torch.no_grad()
+    def modalities_jacobian(self, z_m: torch.Tensor) -> torch.Tensor:
+        """Per-sample Jacobian of stage 0 at ``z_m`` (B, M d), full batch, no graph. The stage
+        is block-diagonal over the modalities, so this is ``(B, M, d, d)``, block ``i`` being
+        ``d z_i' / d z_i`` (``[b, i, r, c] = d z_i'[r] / d z_i[c]``)."""
+        M, d, G, eps = self.M, self.d, self.groups, self.eps
+        B = z_m.shape[0]
+        rows = (B * M, d)                                                            # (sample, modality) rows
+        gains = [w.view(1, M, d).expand(B, M, d).reshape(rows) for w, _ in self.gn]  # GN1-3 gains by row
+        inj = self._rows(None)[0]                                                    # (B, M, d)
+        h1 = torch.baddbmm(self.b1, z_m.view(B, M, d).transpose(0, 1), self.w1t).transpose(0, 1)  # W1 z + b1
+        g1 = _group_norm(h1.reshape(B, M * d), M * G, *self.gn[0], eps)
+        h2 = torch.baddbmm(inj.transpose(0, 1), g1.relu().view(B, M, d).transpose(0, 1), self.w2t)
+        h2 = h2.transpose(0, 1).reshape(B, M * d)                                    # W2 ReLU(GN1) + x_i + b2
+        s = _group_norm(h2, M * G, *self.gn[1], eps) + z_m                           # GN2(.) + z_i
+        # chain rule, right to left: W1, GN1, ReLU, W2, GN2, + I, ReLU, GN3
+        a = self.w1t.transpose(1, 2).expand(B, M, d, d).reshape(B * M, d, d)         # W1_i
+        a = _group_norm_jacobian_times(h1.reshape(rows), G, gains[0], eps, a)
+        a = (g1.view(B * M, d, 1) > 0) * a
+        a = torch.matmul(self.w2t.transpose(1, 2), a.view(B, M, d, d)).view(B * M, d, d)
+        a = _group_norm_jacobian_times(h2.view(rows), G, gains[1], eps, a)
+        a = a + torch.eye(d, device=a.device, dtype=a.dtype)
+        a = (s.view(B * M, d, 1) > 0) * a
+        return _group_norm_jacobian_times(s.relu().view(rows), G, gains[2], eps, a).view(B, M, d, d)
+
+    @torch.no_grad()
+    def fused_jacobian(self, z_f: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+        """Per-sample Jacobian of stage 1 at ``z_f`` (B, d), full batch, no graph, given the
+        gate's constant part ``const = W_g sum_i z_i' + M b_g`` (B, d): ``(B, 1, d, d)``.
+        With ``a = const + M W_g z_f``: ``d(z_f * a)/dz_f = diag(a) + M diag(z_f) W_g``, then
+        ``W_f``, the ReLU and the GroupNorm."""
+        M = self.M
+        a = torch.addmm(const, z_f, self.wg.t(), alpha=M)                            # (B, d)
+        du = torch.diag_embed(a) + M * z_f.unsqueeze(2) * self.wg                    # (B, d, d)
+        pre = torch.addmm(self._rows(None)[1], z_f * a, self.wft)                    # (B, d)
+        j = (pre.unsqueeze(2) > 0) * torch.matmul(self.wft.t(), du)                  # ReLU(W_f .)
+        return _group_norm_jacobian_times(pre.relu(), self.groups, self.gnf[0], self.eps, j).unsqueeze(1)
+
     def __call__(self, z: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The whole map, 2 then 3: ``z`` (b, (M + 1) d) -> ``f(z)`` (b, (M + 1) d)."""
         M, d = self.M, self.d
@@ -236,7 +298,7 @@ class _FusionMap:
         ``z_f (b, d) -> z_f' (b, d)`` with ``z_m'`` fixed, so the gate's ``W_g sum_i z_i' +
         M b_g`` is computed once and an evaluation costs two ``(d, d)`` products."""
         if k == 0:
-            return self.modalities
+            return _StageMap(self.modalities, self.modalities_jacobian)
         if k != 1:
             raise IndexError(f"DEQ fusion map has 2 stages, asked for stage {k}")
         z_m = outputs[0] if outputs else self.modalities(states[0])                  # z_m', (B, M d)
@@ -247,7 +309,22 @@ class _FusionMap:
             const, inj_f = rows(index)
             return self.fused(z_f, torch.addmm(const, z_f, self.wg.t(), alpha=M), inj_f)
 
-        return fused_stage
+        return _StageMap(fused_stage, lambda z_f: self.fused_jacobian(z_f, rows(None)[0].detach()))
+
+
+class _StageMap:
+    """A stage map ``(b, n_k) -> (b, n_k)`` (called as ``f_k(z, index=None)``) that also gives
+    its per-sample Jacobian at a full batch: ``jacobian(z)`` -> ``(B, blocks, s, s)``, the
+    stage being block-diagonal with ``blocks`` blocks of width ``s`` (the exact adjoint solve
+    of :mod:`.backward` reads it)."""
+
+    __slots__ = ("_map", "jacobian")
+
+    def __init__(self, fn: Callable[..., torch.Tensor], jacobian: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._map, self.jacobian = fn, jacobian
+
+    def __call__(self, z: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._map(z, index)
 
 
 # ------------------------------------------------------------------------------ the layer
@@ -318,6 +395,12 @@ class DEQFusion(nn.Module):
             every sample. Default: 1e-2.
         staged_backward: solve the implicit mode's adjoint system stage by stage as well
             (last stage first). False: one joint adjoint solve. Default: True.
+        b_direct: implicit mode with ``staged_backward``: solve each stage's adjoint system
+            exactly, from its per-sample Jacobian blocks in closed form (``(B, M, width,
+            width)`` and ``(B, 1, width, width)``) and one batched linear solve, instead of
+            iterating with ``b_solver`` (``b_max_iter`` then does not apply; ``b_tol`` decides
+            the reported ``converged``). Costs ``O(B M width^2)`` memory and ``O(B M
+            width^3)`` time per backward: for small widths (up to about 64). Default: False.
         trace: keep the per-iteration residuals in the info (``trace_abs``/``trace_rel``; per
             stage, in ``info['stages']``, when ``staged``). Default: False.
         solver_kwargs: extra solver options for both solves (e.g. ``{'m': 5, 'lam': 1e-4,
@@ -370,6 +453,7 @@ class DEQFusion(nn.Module):
                  jac_vectors: int = DEQ_DEFAULTS.jac_vectors, compact: bool = DEQ_DEFAULTS.compact,
                  staged: bool = DEQ_DEFAULTS.staged, staged_backward: bool = DEQ_DEFAULTS.staged_backward,
                  implicit_max_residual: Optional[float] = DEQ_DEFAULTS.implicit_max_residual,
+                 b_direct: bool = DEQ_DEFAULTS.b_direct,
                  trace: bool = False, solver_kwargs: Optional[Mapping[str, Any]] = None,
                  warn_every: int = DEQ_DEFAULTS.warn_every, gate_init: str = DEQ_DEFAULTS.gate_init,
                  injection: str = DEQ_DEFAULTS.injection, residual_init: str = DEQ_DEFAULTS.residual_init) -> None:
@@ -441,7 +525,7 @@ class DEQFusion(nn.Module):
             b_tol=float(b_tol), stop_mode=stop_mode, solver_options=opts, phantom_steps=phantom_steps,
             phantom_tau=phantom_tau, unroll_steps=int(f_max_iter if unroll_steps is None else unroll_steps),
             f_tol=float(f_tol), compact=self.compact, staged=self.staged_backward,
-            implicit_max_residual=implicit_max_residual)
+            implicit_max_residual=implicit_max_residual, direct=bool(b_direct))
         self.jac_reg = bool(jac_reg)
         self.jac_vectors = int(jac_vectors)
         self.warn_every = int(warn_every)

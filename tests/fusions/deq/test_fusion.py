@@ -147,11 +147,12 @@ def test_forward_returns_a_fixed_point_within_tolerance(contractive):
     torch.testing.assert_close(fused[both], z[both, -16:], rtol=0, atol=1e-6)
 
 
-def test_implicit_gradients_match_unrolling_to_convergence_float64():
+@pytest.mark.parametrize("b_direct", [False, True])   # iterative / exact adjoint solves
+def test_implicit_gradients_match_unrolling_to_convergence_float64(b_direct):
     torch.manual_seed(0)
     dims = [5, 7, 3]
     implicit = _contractive(DEQFusion(dims, width=16, f_tol=1e-12, b_tol=1e-12, f_max_iter=100,
-                                      b_max_iter=100, stop_mode="abs").double())
+                                      b_max_iter=100, stop_mode="abs", b_direct=b_direct).double())
     unrolled = DEQFusion(dims, width=16, backward="unrolled", unroll_steps=60).double()
     unrolled.load_state_dict(implicit.state_dict())
     xs = _inputs(dims, dtype=torch.float64, requires_grad=True)
@@ -167,17 +168,19 @@ def test_implicit_gradients_match_unrolling_to_convergence_float64():
     g_u, gx_u = _grads(unrolled), [x.grad.clone() for x in xs]
 
     assert bool(info["converged"].all()) and bool(info["backward"]["converged"].all())
+    assert [bool(st.get("direct")) for st in info["backward"]["stages"]] == [b_direct] * 2
     assert float(info_u["abs_residual"].max()) < 1e-12                # unrolling did converge
     torch.testing.assert_close(out_i, out_u, rtol=0, atol=1e-10)
     assert _rel_err(g_i, g_u) <= 1e-4
     assert _rel_err(dict(enumerate(gx_i)), dict(enumerate(gx_u))) <= 1e-4
 
 
-def test_gradcheck_against_finite_differences():
+@pytest.mark.parametrize("b_direct", [False, True])
+def test_gradcheck_against_finite_differences(b_direct):
     torch.manual_seed(0)
     fusion = _contractive(DEQFusion([3, 2], width=8, num_groups=2, f_tol=1e-13, b_tol=1e-13,
                                     f_max_iter=100, b_max_iter=100, stop_mode="abs", jac_reg=False,
-                                    gate_init="default", injection="sum").double())
+                                    gate_init="default", injection="sum", b_direct=b_direct).double())
     xa, xb = _inputs([3, 2], B=2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: fusion([a, b]), (xa, xb), eps=1e-6, atol=1e-7, rtol=1e-5)
     # parameters' gradients through the implicit backward, too
@@ -376,6 +379,38 @@ def test_one_graphed_evaluation_of_f_per_training_step(monkeypatch, staged_backw
     (out.sum() + fusion.jac_loss).backward()
     assert sum(calls) == 1 and len(calls) > 5                        # the solves ran without a graph
     assert len(fusion.last_info["backward"].get("stages", [])) == (2 if staged_backward else 0)
+
+
+@pytest.mark.parametrize("residual_init", ["zero", "default"])
+def test_closed_form_stage_jacobians_equal_autograd(residual_init):
+    torch.manual_seed(0)
+    dims, d, B = [6, 16, 5], 16, 4
+    fusion = DEQFusion(dims, width=d, gate_init="default", residual_init=residual_init).double()
+    with torch.no_grad():
+        for p in fusion.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    f = fusion.deq_function(_inputs(dims, B=B, dtype=torch.float64))
+    z_m, z_f = torch.randn(B, 3 * d, dtype=torch.float64), torch.randn(B, d, dtype=torch.float64)
+    for k, z, stage in ((0, z_m, f.stage(0, [])), (1, z_f, f.stage(1, [z_m]))):
+        full = torch.autograd.functional.jacobian(stage, z)                   # (B, n, B, n)
+        per_sample = torch.stack([full[b, :, b, :] for b in range(B)])        # (B, n, n)
+        blocks = stage.jacobian(z)                                            # (B, nb, s, s)
+        nb, s = blocks.shape[1], blocks.shape[2]
+        dense = torch.zeros_like(per_sample)
+        for i in range(nb):
+            dense[:, i * s:(i + 1) * s, i * s:(i + 1) * s] = blocks[:, i]
+        assert (nb, s) == ((3, d) if k == 0 else (1, d))
+        torch.testing.assert_close(dense, per_sample, rtol=1e-10, atol=1e-12)   # off-diagonal blocks are 0
+
+
+def test_direct_adjoint_solve_of_a_singular_system_falls_back_to_the_rhs():
+    from multizoo_ext.fusions.deq.backward import _solve_adjoint_direct
+
+    jac = torch.stack([torch.eye(2), 0.5 * torch.eye(2)]).unsqueeze(1)       # (2, 1, 2, 2): I - J singular for sample 0
+    rhs = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    y, info = _solve_adjoint_direct(jac, rhs, 1e-6, "abs")
+    assert info["nan"].tolist() == [True, False] and info["converged"].tolist() == [False, True]
+    torch.testing.assert_close(y, torch.tensor([[1.0, 2.0], [6.0, 8.0]]))    # rhs; rhs / (1 - 0.5)
 
 
 def test_default_stages_both_solves_with_the_jacobian_free_fallback():
