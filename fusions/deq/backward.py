@@ -187,12 +187,12 @@ def _solve_adjoint_staged(graph: StagedGraph, g: torch.Tensor, solve: Solve, com
     rhs = [t.contiguous() for t in g.split(graph.sizes, dim=1)]
     ys: List[Optional[torch.Tensor]] = [None] * K
     infos: List[Optional[Dict[str, Any]]] = [None] * K
-    k_solve = functools.partial(solve, tol=stage_tolerance(tol, stop_mode, K))
+    k_tol = stage_tolerance(tol, stop_mode, K)
+    k_solve = functools.partial(solve, tol=k_tol)
     for k in reversed(range(K)):
         jacobian = getattr(graph.maps[k], "jacobian", None) if direct else None
         if jacobian is not None:
-            ys[k], infos[k] = _solve_adjoint_direct(jacobian(graph.inputs[k].detach()), rhs[k],
-                                                    stage_tolerance(tol, stop_mode, K), stop_mode)
+            ys[k], infos[k] = _solve_adjoint_direct(jacobian(graph.inputs[k].detach()), rhs[k], k_tol, stop_mode)
         else:
             ys[k], infos[k] = _solve_adjoint(graph.maps[k], graph.outs[k], graph.inputs[k], rhs[k], k_solve,
                                              compact)

@@ -225,18 +225,25 @@ class _FusionMap:
 
     def modalities(self, z_m: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """2. The M residual blocks (stage 0): ``z_m (b, M d) -> z_m' (b, M d)``."""
+        r2 = self._blocks(z_m, self._rows(index)[0])[3]
+        return _group_norm(r2, self.M * self.groups, *self.gn[2], self.eps)         # z_i' = GN3(r2), (b, M d)
+
+    def _blocks(self, z_m: torch.Tensor, inj: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The M residual blocks up to GN3, given ``inj = x_i + b2_i`` (b, M, d); returns the
+        inputs of the three GroupNorms and of the first ReLU's output, all (b, M d):
+        ``h1 = W1 z_i + b1``, ``r1 = ReLU(GN1(h1))``, ``h2 = W2 r1 + x_i + b2``,
+        ``r2 = ReLU(GN2(h2) + z_i)`` (the stage's Jacobian reads them all)."""
         M, d, G, eps = self.M, self.d, self.groups, self.eps
-        inj = self._rows(index)[0]                                                   # x_i + b2_i, (b, M, d)
         b = z_m.shape[0]
         # the M blocks' products as one batched product over (M, b, d) (modality-major)
-        h = torch.baddbmm(self.b1, z_m.view(b, M, d).transpose(0, 1), self.w1t)      # W1 z_i + b1, (M, b, d)
-        h = h.transpose(0, 1).reshape(b, M * d)                                       # (b, M d)
+        h1 = torch.baddbmm(self.b1, z_m.view(b, M, d).transpose(0, 1), self.w1t)     # (M, b, d)
+        h1 = h1.transpose(0, 1).reshape(b, M * d)                                     # (b, M d)
         # in-place ReLU / add on fresh intermediates whose producers' backward does not read them
-        h = _group_norm(h, M * G, *self.gn[0], eps).relu_()                          # ReLU(GN1(.)), (b, M d)
-        h = torch.baddbmm(inj.transpose(0, 1), h.view(b, M, d).transpose(0, 1), self.w2t)  # W2 h + x_i, (M, b, d)
-        h = h.transpose(0, 1).reshape(b, M * d)                                       # (b, M d)
-        h = _group_norm(h, M * G, *self.gn[1], eps).add_(z_m).relu_()                # ReLU(GN2(.) + z_i)
-        return _group_norm(h, M * G, *self.gn[2], eps)                               # z_i', (b, M d)
+        r1 = _group_norm(h1, M * G, *self.gn[0], eps).relu_()
+        h2 = torch.baddbmm(inj.transpose(0, 1), r1.view(b, M, d).transpose(0, 1), self.w2t)  # (M, b, d)
+        h2 = h2.transpose(0, 1).reshape(b, M * d)
+        r2 = _group_norm(h2, M * G, *self.gn[1], eps).add_(z_m).relu_()
+        return h1, r1, h2, r2
 
     def fused(self, z_f: torch.Tensor, a: torch.Tensor, inj_f: torch.Tensor) -> torch.Tensor:
         """3. ``z_f' = GN(ReLU(W_f (z_f * a) + x_f))`` given the gate sum ``a = W_g(sum_i z_i' +
@@ -252,21 +259,16 @@ class _FusionMap:
         B = z_m.shape[0]
         rows = (B * M, d)                                                            # (sample, modality) rows
         gains = [w.view(1, M, d).expand(B, M, d).reshape(rows) for w, _ in self.gn]  # GN1-3 gains by row
-        inj = self._rows(None)[0]                                                    # (B, M, d)
-        h1 = torch.baddbmm(self.b1, z_m.view(B, M, d).transpose(0, 1), self.w1t).transpose(0, 1)  # W1 z + b1
-        g1 = _group_norm(h1.reshape(B, M * d), M * G, *self.gn[0], eps)
-        h2 = torch.baddbmm(inj.transpose(0, 1), g1.relu().view(B, M, d).transpose(0, 1), self.w2t)
-        h2 = h2.transpose(0, 1).reshape(B, M * d)                                    # W2 ReLU(GN1) + x_i + b2
-        s = _group_norm(h2, M * G, *self.gn[1], eps) + z_m                           # GN2(.) + z_i
+        h1, r1, h2, r2 = (t.view(rows) for t in self._blocks(z_m, self._rows(None)[0]))
         # chain rule, right to left: W1, GN1, ReLU, W2, GN2, + I, ReLU, GN3
         a = self.w1t.transpose(1, 2).expand(B, M, d, d).reshape(B * M, d, d)         # W1_i
-        a = _group_norm_jacobian_times(h1.reshape(rows), G, gains[0], eps, a)
-        a = (g1.view(B * M, d, 1) > 0) * a
+        a = _group_norm_jacobian_times(h1, G, gains[0], eps, a)
+        a = (r1.unsqueeze(2) > 0) * a
         a = torch.matmul(self.w2t.transpose(1, 2), a.view(B, M, d, d)).view(B * M, d, d)
-        a = _group_norm_jacobian_times(h2.view(rows), G, gains[1], eps, a)
+        a = _group_norm_jacobian_times(h2, G, gains[1], eps, a)
         a = a + torch.eye(d, device=a.device, dtype=a.dtype)
-        a = (s.view(B * M, d, 1) > 0) * a
-        return _group_norm_jacobian_times(s.relu().view(rows), G, gains[2], eps, a).view(B, M, d, d)
+        a = (r2.unsqueeze(2) > 0) * a
+        return _group_norm_jacobian_times(r2, G, gains[2], eps, a).view(B, M, d, d)
 
     @torch.no_grad()
     def fused_jacobian(self, z_f: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
@@ -309,7 +311,7 @@ class _FusionMap:
             const, inj_f = rows(index)
             return self.fused(z_f, torch.addmm(const, z_f, self.wg.t(), alpha=M), inj_f)
 
-        return _StageMap(fused_stage, lambda z_f: self.fused_jacobian(z_f, rows(None)[0].detach()))
+        return _StageMap(fused_stage, lambda z_f: self.fused_jacobian(z_f, rows(None)[0]))
 
 
 class _StageMap:

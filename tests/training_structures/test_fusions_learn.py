@@ -9,9 +9,8 @@ from multizoo_ext.training_structures.supervised import train
 from multizoo_ext.unimodals.common_models import MLP
 
 # Small widths keep the slowest fusion (DEQ) quick; every fusion gets the same budget.
-FUSION_KWARGS = {"deq": {"width": 16, "num_groups": 4, "f_max_iter": 15, "b_max_iter": 15},
-                 "deq_paper": {"width": 16, "num_groups": 4, "f_max_iter": 15, "b_max_iter": 15},
-                 "transformer": {"d_model": 16, "nhead": 2},
+_DEQ_KWARGS = {"width": 16, "num_groups": 4, "f_max_iter": 15, "b_max_iter": 15}
+FUSION_KWARGS = {"deq": _DEQ_KWARGS, "deq_paper": _DEQ_KWARGS, "transformer": {"d_model": 16, "nhead": 2},
                  "lowrank": {"output_dim": 16, "rank": 4}}
 
 
@@ -30,5 +29,4 @@ def test_fusion_learns_synergy(name, synergy):
     res = train(encoders, fusion, head, train_dl, valid_dl, 12, optimtype=torch.optim.Adam, lr=5e-3,
                 save=None, seed=0, progress=False)
     acc = run_test(res.model, test_dl, no_robust=True)["Accuracy"]
-    print(f"{name}: test accuracy {acc:.3f}")
     assert acc > 0.75, f"{name}: test accuracy {acc:.3f} (chance 0.5)"
