@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import os
 import statistics
@@ -86,6 +87,8 @@ class _PatchedMap(deq_module._FusionMap):
         h = torch.addmm(inj_f, z_f * a, self.wft).relu_()
         if self.out_norm == "none":
             return h
+        if self.out_norm == "ball":
+            return ball(h)
         groups = 1 if self.out_norm == "ln" else self.groups
         return _group_norm(h, groups, *self.gnf, self.eps)
 
@@ -146,6 +149,22 @@ class DEQVariant(DEQFusion):
         return (fused, self.last_info) if return_info else fused
 
 
+def ball(h: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Projection of each row's groups onto the ball of RMS 1: ``h * min(1, 1 / rms(h))``,
+    identity inside the ball (keeps the scale of small states), nonexpansive."""
+    B, C = h.shape
+    g = h.view(B, groups, C // groups)
+    rms = g.square().mean(2, keepdim=True).add(1e-12).sqrt()
+    return (g / rms.clamp(min=1.0)).view(B, C)
+
+
+def rms_norm(h: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``h / rms(h)`` per group (no mean subtraction)."""
+    B, C = h.shape
+    g = h.view(B, groups, C // groups)
+    return (g * g.square().mean(2, keepdim=True).add(1e-5).rsqrt()).view(B, C)
+
+
 class ConcatLayer(nn.Module):
     """Control: what the default layer computes at initialisation (gate and residual branches
     at zero), ``norm(ReLU(W_x [x_1; ..; x_M] + b))`` with ``norm`` 'gn' (4 groups, the layer's
@@ -154,7 +173,8 @@ class ConcatLayer(nn.Module):
     def __init__(self, input_dims: Sequence[int], width: int, norm: str = "gn") -> None:
         super().__init__()
         self.lin = nn.Linear(sum(input_dims), width)
-        self.norm = {"gn": nn.GroupNorm(4, width), "ln": nn.GroupNorm(1, width), "none": nn.Identity()}[norm]
+        self.norm = {"gn": nn.GroupNorm(4, width), "ln": nn.GroupNorm(1, width), "none": nn.Identity(),
+                     "ball": ball, "rms": functools.partial(rms_norm, groups=4)}[norm]
         self.out_dim = width
 
     def forward(self, inputs):
@@ -167,6 +187,8 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     "ctl_lin_gn": ({"control": "gn"}, 0.0, 1.0, "control, no DEQ: GN(ReLU(Linear(concat)))"),
     "ctl_lin_ln": ({"control": "ln"}, 0.0, 1.0, "control, no DEQ: LN(ReLU(Linear(concat)))"),
     "ctl_lin": ({"control": "none"}, 0.0, 1.0, "control, no DEQ: ReLU(Linear(concat))"),
+    "ctl_lin_ball": ({"control": "ball"}, 0.0, 1.0, "control, no DEQ: ball(ReLU(Linear(concat))), RMS <= 1"),
+    "ctl_lin_rms": ({"control": "rms"}, 0.0, 1.0, "control, no DEQ: RMSNorm (4 groups) of ReLU(Linear(concat))"),
     "deq": ({}, 0.1, 1.0, "baseline: the published layer (fusion 'deq_paper'), jac 0.1, uniform lr"),
     "deq_default": ({"gate_init": "zero", "injection": "proj", "residual_init": "zero"}, 0.1, 1.0,
                     "the package's default layer (fusion 'deq'): gate at zero + projected injection "
@@ -177,6 +199,7 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     # (b) GroupNorm on z_f'
     "b_norm_none": ({"out_norm": "none"}, 0.1, 1.0, "no GroupNorm on z_f' (ReLU only)"),
     "b_norm_ln": ({"out_norm": "ln"}, 0.1, 1.0, "one-group GroupNorm (layer norm) on z_f'"),
+    "b_norm_ball": ({"out_norm": "ball"}, 0.1, 1.0, "projection of z_f' onto the ball of RMS 1 (no affine)"),
     "b_groups1": ({"num_groups": 1}, 0.1, 1.0, "one group in every GroupNorm of the layer"),
     # (c) injection
     "c_inj_proj": ({"injection": "proj"}, 0.1, 1.0, "x_f = Linear(concat(x_1..x_M))"),
@@ -288,9 +311,10 @@ def run_one(name: str, seed: int, epochs: int, lr: float, save_dir: str) -> Dict
     os.remove(save)
     with contextlib.redirect_stdout(io.StringIO()):
         acc = float(single_test(model, test_dl)["Accuracy"])
+        train_acc = float(single_test(model, train_dl)["Accuracy"])
     per_epoch = max(1, len(train_dl))
     last = slice(-per_epoch, None)
-    return {"acc": acc, "s_per_epoch": seconds,
+    return {"acc": acc, "train_acc": train_acc, "s_per_epoch": seconds,
             "conv": statistics.mean(stats["conv"][last]) if stats["conv"] else float("nan"),
             "res": statistics.median(stats["res"][last]) if stats["res"] else float("nan"), **init}
 

@@ -163,7 +163,11 @@ class _Tracker:
     the end, so an iteration costs no scatter/gather over the full batch.
     """
 
-    _FIELDS = ("best_z", "best_abs", "best_rel", "best_fnorm", "steps", "converged", "nan", "diverged")
+    # ``converged`` and ``diverged`` are not tracked per iteration but read off at the end
+    # (:meth:`_flags`): a sample stops on its first iterate within ``tol``, which is then its
+    # best, so it converged iff its best residual is within ``tol``; a stopped sample that did
+    # not converge and whose residual stayed finite diverged.
+    _FIELDS = ("best_z", "best_abs", "best_rel", "best_fnorm", "steps", "nan", "active")
 
     def __init__(self, z0: torch.Tensor, tol: float, stop_mode: str, trace: bool,
                  divergence: float) -> None:
@@ -178,9 +182,7 @@ class _Tracker:
         self.best_rel = torch.full((B,), math.inf, device=dev, dtype=dt)
         self.best_fnorm = torch.full((B,), math.inf, device=dev, dtype=dt)
         self.steps = torch.zeros(B, device=dev, dtype=torch.long)
-        self.converged = torch.zeros(B, device=dev, dtype=torch.bool)
         self.nan = torch.zeros(B, device=dev, dtype=torch.bool)
-        self.diverged = torch.zeros(B, device=dev, dtype=torch.bool)
         self.active = torch.ones(B, device=dev, dtype=torch.bool)
         self.sync_free = dev.type == "cpu"                           # reading a flag costs nothing
         self.limit: Optional[torch.Tensor] = None                    # (b,)
@@ -229,11 +231,8 @@ class _Tracker:
         self.best_fnorm = torch.where(better, f_norm, self.best_fnorm)
         self.steps = torch.where(better, self.iterations, self.steps)
         fine = abs_res <= self.limit                                  # False for NaN and blow-ups
-        new_conv = ok & (res <= self.tol)
-        self.converged = self.converged | new_conv
         self.nan = self.nan | (active > finite)                       # active and not finite
-        self.diverged = self.diverged | ((ok > fine) > new_conv)      # ok, not fine, not converged
-        self.active = (ok & fine) > new_conv                          # ok, fine, not converged
+        self.active = ok & (fine > (res <= self.tol))                 # ok, fine, not converged
         if self.trace:
             last_abs = torch.where(active, abs_res, self._rows(self.last_abs))
             last_rel = torch.where(active, rel_res, self._rows(self.last_rel))
@@ -275,9 +274,16 @@ class _Tracker:
             self.full = {k: v.clone() for k, v in self.full.items()}
         sel = keep.nonzero().squeeze(1)                               # (b',)
         self.index = sel if self.index is None else self.index.index_select(0, sel)
-        for k in self._FIELDS + ("active", "limit"):
+        for k in self._FIELDS + ("limit",):
             setattr(self, k, getattr(self, k).index_select(0, sel))
         return [t.index_select(0, sel) for t in tensors]
+
+    def _flags(self, full: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``converged``, ``nan``, ``diverged`` (B,) bool of the full batch at the end."""
+        best = full["best_abs"] if self.stop_mode == "abs" else full["best_rel"]
+        converged = best <= self.tol
+        return {"converged": converged, "nan": full["nan"],
+                "diverged": full["active"].logical_or(converged).logical_or_(full["nan"]).logical_not_()}
 
     def info(self, max_iter: int) -> Dict[str, Any]:
         self._flush()
@@ -288,9 +294,7 @@ class _Tracker:
             "abs_residual": full["best_abs"],
             "rel_residual": full["best_rel"],
             "f_norm": full["best_fnorm"],
-            "converged": full["converged"],
-            "nan": full["nan"],
-            "diverged": full["diverged"],
+            **self._flags(full),
             "iterations": self.iterations,
             "stop_mode": self.stop_mode,
             "tol": self.tol,

@@ -65,3 +65,20 @@ def test_zero_initialised_weights_learn():
     assert first["blocks.0.lin2.weight"] == 0 and first["blocks.1.lin1.weight"] == 0
     assert all(second[f"blocks.{i}.lin2.weight"] > 0 for i in range(2))
     assert all(third[f"blocks.{i}.{n}.weight"] > 0 for i in range(2) for n in ("lin1", "lin2"))
+
+
+def test_exact_adjoint_solve_is_the_default_up_to_width_64_and_not_for_the_published_layer():
+    from multizoo_ext.fusions.deq.fusion import DEQ_DEFAULTS
+    assert DEQ_DEFAULTS.b_direct == "auto" and DEQ_DEFAULTS.b_direct_max_width == 64
+    assert DEQFusion([8, 8], width=64).b_direct is True
+    assert DEQFusion([8, 8], width=68).b_direct is False
+    assert DEQFusion([8, 8], width=32, b_direct=False).b_direct is False
+    assert DEQFusion([8, 8], width=128, b_direct=True).b_direct is True
+    assert create_fusion("deq_paper", input_dims=[8, 8], width=32).b_direct is False
+    with pytest.raises(ValueError, match="b_direct must be True, False or 'auto', got 'yes'"):
+        DEQFusion([8, 8], b_direct="yes")
+    # the default's backward is the exact one: each stage of the adjoint solve says so
+    torch.manual_seed(0)
+    layer = DEQFusion([8, 8], width=16)
+    layer(_inputs(0, B=4, dims=(8, 8))).sum().backward()
+    assert [bool(st.get("direct")) for st in layer.last_info["backward"]["stages"]] == [True, True]
