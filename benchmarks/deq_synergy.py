@@ -84,6 +84,8 @@ class _PatchedMap(deq_module._FusionMap):
             self.wg, self.bg = self.wg * self.gate_scale, self.bg * self.gate_scale
 
     def _norm_fused(self, z_f: torch.Tensor, a: torch.Tensor, inj_f: torch.Tensor) -> torch.Tensor:
+        if self.out_norm == "sigmoid":       # z_f' = ReLU(W_f(z_f * sigmoid(a)) + x_f + b_f), no norm
+            return torch.addmm(inj_f, z_f * torch.sigmoid(a), self.wft).relu_()
         h = torch.addmm(inj_f, z_f * a, self.wft).relu_()
         if self.out_norm == "none":
             return h
@@ -99,7 +101,9 @@ class DEQVariant(DEQFusion):
     """DEQFusion with the knobs of the hypotheses (all at their first value = the paper's function).
 
     Args (besides DEQFusion's):
-        out_norm: 'gn' | 'none' | 'ln' normalisation of z_f' (hypothesis b).
+        out_norm: 'gn' | 'none' | 'ln' | 'ball' normalisation of z_f' (hypothesis b), or
+            'sigmoid': no norm, the gate squashed, ``z_f' = ReLU(W_f(z_f * sigmoid(a)) + x_f)``;
+            any but 'gn' uses the iterative adjoint solve.
         gate_init: None (PyTorch's Linear init) | 'one' (W_g = 0, bias so that sum_i a_i = 1)
             | 'zero' (W_g = 0, bias 0: the multiplicative term starts at 0) (hypothesis a).
         injection: 'sum' (x_f = sum_i w_i x_i + b) | 'proj' (Linear of the concatenation) (c).
@@ -113,6 +117,8 @@ class DEQVariant(DEQFusion):
                  residual_init: str = "default", gate_scale: float = 1.0, **kw) -> None:
         # gate 'zero' and the projected injection are DEQFusion's own options (its defaults);
         # None / 'sum' give the published layer
+        if out_norm != "gn":   # the closed-form stage Jacobian of the exact adjoint solve is the GN layer's
+            kw["b_direct"] = False
         super().__init__(input_dims, width, gate_init="zero" if gate_init == "zero" else "default",
                          injection=injection, residual_init=residual_init, **kw)
         self.out_norm, self.output, self.gate_scale = out_norm, output, float(gate_scale)
@@ -200,6 +206,7 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     "b_norm_none": ({"out_norm": "none"}, 0.1, 1.0, "no GroupNorm on z_f' (ReLU only)"),
     "b_norm_ln": ({"out_norm": "ln"}, 0.1, 1.0, "one-group GroupNorm (layer norm) on z_f'"),
     "b_norm_ball": ({"out_norm": "ball"}, 0.1, 1.0, "projection of z_f' onto the ball of RMS 1 (no affine)"),
+    "b_sigmoid": ({"out_norm": "sigmoid"}, 0.1, 1.0, "no norm on z_f', gate squashed: ReLU(W_f(z_f * sigmoid(a)) + x_f)"),
     "b_groups1": ({"num_groups": 1}, 0.1, 1.0, "one group in every GroupNorm of the layer"),
     # (c) injection
     "c_inj_proj": ({"injection": "proj"}, 0.1, 1.0, "x_f = Linear(concat(x_1..x_M))"),
