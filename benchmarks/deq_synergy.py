@@ -7,9 +7,11 @@ the fusion, an MLP head (``Linear(out, 32) + ReLU + Linear(32, 2)``); MultiBench
 ``training_structures.Supervised_Learning.train`` (Adam, lr 3e-3, 15 epochs, batch 32) and its
 ``single_test`` on the best-validation checkpoint.
 
-Each named variant changes ONE thing of the baseline ``DEQFusion([32, 32], 32, jac_reg=True)``
-with ``deq_objective(CrossEntropyLoss())`` (Jacobian weight 0.1, uniform learning rate); the
-variants subclass or patch DEQFusion here, the library module is not edited.
+Each named variant changes ONE thing of the published layer (``deq``: Jacobian weight 0.1, the
+authors' value, uniform learning rate) or, joined with ``+``, of the package's default layer
+(``deq_default``: ``DEQFusion([32, 32], 32)`` with ``deq_objective(CrossEntropyLoss())``, whose
+Jacobian weight is the objective's default, 1.0); the variants subclass or patch DEQFusion
+here, the library module is not edited.
 
 Usage (MultiBench on the path, from the repository root)::
 
@@ -48,6 +50,7 @@ from multizoo_ext.fusions.deq import fusion as deq_module  # noqa: E402  (DEQFus
 
 _group_norm = deq_module._group_norm
 from multizoo_ext.objectives import deq_objective  # noqa: E402
+from multizoo_ext.objectives.deq import DEFAULT_JACOBIAN_WEIGHT  # noqa: E402
 
 WIDTH = 32
 
@@ -110,11 +113,14 @@ class DEQVariant(DEQFusion):
         output: 'zf' | 'zf+xf' | 'cat' (concat(z_f*, x_1..x_M)) (hypothesis g).
         residual_init: 'default' (PyTorch's Linear init of the modality blocks) | 'zero'
             (each block's W2 at 0) (hypothesis h).
+        fuse_init: 'default' | 'zero' (the fused update's ``W_f`` at 0, so the layer starts as
+            the control without a fixed point: hypothesis l).
     """
 
     def __init__(self, input_dims: Sequence[int], width: Optional[int] = None, *, out_norm: str = "gn",
                  gate_init: Optional[str] = None, injection: str = "sum", output: str = "zf",
-                 residual_init: str = "default", gate_scale: float = 1.0, **kw) -> None:
+                 residual_init: str = "default", gate_scale: float = 1.0, fuse_init: str = "default",
+                 **kw) -> None:
         # gate 'zero' and the projected injection are DEQFusion's own options (its defaults);
         # None / 'sum' give the published layer
         if out_norm != "gn":   # the closed-form stage Jacobian of the exact adjoint solve is the GN layer's
@@ -128,6 +134,9 @@ class DEQVariant(DEQFusion):
             with torch.no_grad():
                 gate.weight.zero_()
                 gate.bias.fill_(1.0 / M)
+        if fuse_init == "zero":   # W_f = 0: z_f' = norm(ReLU(x_f)) at init, the recurrence learned from there
+            with torch.no_grad():
+                self.fusion_block["fuse"].weight.zero_()
         self.out_dim = {"zf": d, "zf+xf": d, "cat": (M + 1) * d}[output]
 
     def _injections(self, inputs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -196,9 +205,10 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     "ctl_lin_ball": ({"control": "ball"}, 0.0, 1.0, "control, no DEQ: ball(ReLU(Linear(concat))), RMS <= 1"),
     "ctl_lin_rms": ({"control": "rms"}, 0.0, 1.0, "control, no DEQ: RMSNorm (4 groups) of ReLU(Linear(concat))"),
     "deq": ({}, 0.1, 1.0, "baseline: the published layer (fusion 'deq_paper'), jac 0.1, uniform lr"),
-    "deq_default": ({"gate_init": "zero", "injection": "proj", "residual_init": "zero"}, 0.1, 1.0,
+    "deq_default": ({"gate_init": "zero", "injection": "proj", "residual_init": "zero"},
+                    DEFAULT_JACOBIAN_WEIGHT, 1.0,
                     "the package's default layer (fusion 'deq'): gate at zero + projected injection "
-                    "+ residual branches at zero"),
+                    "+ residual branches at zero, the objective's default Jacobian weight"),
     # (a) gate / fused-state initialisation
     "a_gate_one": ({"gate_init": "one"}, 0.1, 1.0, "W_g = 0, bias: sum_i a_i = 1 at init"),
     "a_gate_zero": ({"gate_init": "zero"}, 0.1, 1.0, "W_g = 0 and bias 0: z_f' = GN(ReLU(x_f + b_f)) at init"),
@@ -213,8 +223,10 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     # (d) Jacobian weight
     "d_jac0": ({"jac_reg": False}, 0.0, 1.0, "no Jacobian term"),
     "d_jac001": ({}, 0.01, 1.0, "Jacobian weight 0.01"),
+    "d_jac01": ({}, 0.1, 1.0, "Jacobian weight 0.1 (the authors' MM-IMDB value)"),
     "d_jac05": ({}, 0.5, 1.0, "Jacobian weight 0.5"),
     "d_jac1": ({}, 1.0, 1.0, "Jacobian weight 1"),
+    "d_jac2": ({}, 2.0, 1.0, "Jacobian weight 2"),
     # (e) gradient far from the fixed point
     "e_implicit_all": ({"implicit_max_residual": None}, 0.1, 1.0, "implicit gradient for every sample"),
     "e_phantom": ({"backward": "phantom"}, 0.1, 1.0, "phantom gradient (5 steps, tau 1)"),
@@ -232,6 +244,7 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     "k_gate_01": ({"gate_scale": 0.1}, 0.1, 1.0, "gate sum scaled by 0.1 (W_g learns 10x slower under Adam)"),
     "k_gate_03": ({"gate_scale": 0.3}, 0.1, 1.0, "gate sum scaled by 0.3"),
     "k_gate_0": ({"gate_scale": 0.0}, 0.1, 1.0, "gate off (control: no multiplicative term, no fixed point to speak of)"),
+    "l_fuse_zero": ({"fuse_init": "zero"}, 0.1, 1.0, "W_f = 0 at init: z_f' = norm(ReLU(x_f)), the recurrence learned"),
     "i_jacv1": ({"jac_vectors": 1}, 0.1, 1.0, "one random vector in the Jacobian penalty's estimate"),
 }
 
@@ -244,7 +257,7 @@ def parse_variant(name: str) -> Tuple[Optional[dict], float, float, str]:
     if not all(p in VARIANTS for p in parts):
         raise SystemExit(f"unknown variant {name!r}; --list shows the names")
     kw: dict = {}
-    jac, lrm = 0.1, 1.0
+    jac, lrm = VARIANTS[parts[0]][1], 1.0     # the first part's Jacobian weight unless a d_ part sets it
     for p in parts:
         pkw, pjac, plrm, _ = VARIANTS[p]
         kw.update(pkw)

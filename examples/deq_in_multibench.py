@@ -38,7 +38,7 @@ The lines that matter (everything else here is data plumbing)::
     train(encoders, fusion, head, traindata, validdata, epochs, task="classification",
           optimtype=fusion_lr_optimizer(fusion, 0.1),   # optional: fusion at 0.1 x lr, as the reference
           lr=1e-2, weight_decay=1e-2,
-          objective=deq_objective(nn.CrossEntropyLoss(), jacobian_weight=0.1),
+          objective=deq_objective(nn.CrossEntropyLoss()),
           objective_args_dict={},            # required: MultiBench fills it every batch
           save="best.pt")
     trust_checkpoint = False   # True only for a best.pt your own train() just wrote (see below)

@@ -22,7 +22,25 @@ SPEC = DataSpec([(5,), (7,)], "classification", 3)
 def test_recipes_are_registered_with_their_methods():
     assert get_recipe("refnet").objective == "refnet"
     assert get_recipe("deq") == Recipe(objective="deq", fusion_lr_mult=0.1)
+    assert get_recipe("deq_paper") == Recipe(objective="deq", objective_kwargs={"jacobian_weight": 0.1},
+                                             fusion_lr_mult=0.1)
     assert get_recipe("concat") == Recipe()
+
+
+@pytest.mark.parametrize("name,weight", [("deq", 1.0), ("deq_paper", 0.1)])
+def test_the_deq_recipes_weigh_the_jacobian_penalty_as_documented(name, weight):
+    """The default layer trains with the objective's default weight (1.0), the published layer
+    with the authors' MM-IMDB weight (0.1): the built objective is task loss + weight x penalty."""
+    torch.manual_seed(0)
+    m = build_method(SPEC, name)
+    m.fusion.train()
+    pred = m.head(m.fusion([enc(x) for enc, x in zip(m.encoders, (torch.randn(6, 5), torch.randn(6, 7)))]))
+    truth = torch.tensor([0, 1, 2, 0, 1, 2])
+    penalty = float(m.fusion.jac_loss.detach())
+    assert penalty > 0
+    loss = m.objective(pred, truth, {"deq": m.fusion, "training": True})
+    expected = float(nn.functional.cross_entropy(pred, truth)) + weight * penalty
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("name,objective,mult,needs_args", [

@@ -44,7 +44,7 @@ from multizoo_ext.fusions.deq.staged import solve_staged
 from multizoo_ext.registry import Recipe, register_fusion
 from multizoo_ext.validation import check_fusion_inputs, check_input_dims
 
-__all__ = ["DEQ_DEFAULTS", "DEQ_RECIPE", "DEQDefaults", "DEQFusion", "build_deq_paper", "find_deq"]
+__all__ = ["DEQ_DEFAULTS", "DEQ_PAPER_RECIPE", "DEQ_RECIPE", "DEQDefaults", "REFERENCE_JACOBIAN_WEIGHT", "DEQFusion", "build_deq_paper", "find_deq"]
 
 logger = logging.getLogger(__name__)
 
@@ -352,9 +352,17 @@ def _solver_name(solver: Union[str, Solver]) -> str:
 
 
 #: DEQ fusion trains with its Jacobian penalty (``jac_reg=True``, the constructor's default)
-#: added by ``multizoo_ext.objectives.deq_objective`` (weight 0.1), and the fusion's parameters
-#: at 0.1 x the learning rate, as the authors' MM-IMDB script does.
+#: added by ``multizoo_ext.objectives.deq_objective`` at that objective's default weight (1.0,
+#: ``DEFAULT_JACOBIAN_WEIGHT``: measured in docs/RESULTS.md), and the fusion's parameters at
+#: 0.1 x the learning rate, as the authors' MM-IMDB script does.
 DEQ_RECIPE = Recipe(objective="deq", fusion_lr_mult=0.1)
+
+#: The Jacobian weight of the authors' MM-IMDB script, which the published layer trains with.
+REFERENCE_JACOBIAN_WEIGHT = 0.1
+
+#: The published layer's recipe: the authors' MM-IMDB Jacobian weight and learning-rate multiplier.
+DEQ_PAPER_RECIPE = Recipe(objective="deq", objective_kwargs={"jacobian_weight": REFERENCE_JACOBIAN_WEIGHT},
+                          fusion_lr_mult=0.1)
 
 
 @register_fusion("deq", recipe=DEQ_RECIPE)
@@ -729,12 +737,13 @@ class DEQFusion(nn.Module):
                 f"b_direct={self.b_direct}")
 
 
-@register_fusion("deq_paper", recipe=DEQ_RECIPE)
+@register_fusion("deq_paper", recipe=DEQ_PAPER_RECIPE)
 def build_deq_paper(input_dims: Sequence[int], **kwargs: Any) -> DEQFusion:
     """The published layer, unchanged: :class:`DEQFusion` with PyTorch's initialisation of the
     gate and of the residual blocks and the summed injection (``gate_init="default",
     injection="sum", residual_init="default"``), with the reference's iterative adjoint solve
-    (``b_direct=False``), trained with the same recipe. Other keywords as :class:`DEQFusion`."""
+    (``b_direct=False``), trained with the authors' recipe (Jacobian weight 0.1, fusion learning
+    rate x 0.1). Other keywords as :class:`DEQFusion`."""
     return DEQFusion(input_dims, **{"gate_init": "default", "injection": "sum", "residual_init": "default",
                                     "b_direct": False, **kwargs})
 
