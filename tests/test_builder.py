@@ -21,7 +21,7 @@ SPEC = DataSpec([(5,), (7,)], "classification", 3)
 
 def test_recipes_are_registered_with_their_methods():
     assert get_recipe("refnet").objective == "refnet"
-    assert get_recipe("deq") == Recipe(objective="deq", fusion_lr_mult=0.1)
+    assert get_recipe("deq") == Recipe(objective="deq", objective_kwargs={"jacobian_weight": 1.0}, fusion_lr_mult=0.1)
     assert get_recipe("deq_paper") == Recipe(objective="deq", objective_kwargs={"jacobian_weight": 0.1},
                                              fusion_lr_mult=0.1)
     assert get_recipe("concat") == Recipe()
