@@ -143,15 +143,16 @@ def _group_norm_jacobian_times(x: torch.Tensor, groups: int, weight: torch.Tenso
     (biased variance), ``J = diag(weight) (I - 1/k - xh xh^T / k) / s``."""
     N, C = x.shape
     k = C // groups
-    xg = x.view(N, groups, k)
-    var, mean = torch.var_mean(xg, dim=2, unbiased=False, keepdim=True)          # (N, G, 1)
-    inv = (var + eps).rsqrt()
-    xh = (xg - mean) * inv                                                        # (N, G, k)
+    # xh and 1 / s from one layer-norm kernel (a var_mean over groups of a few channels is slow)
+    xh, _, inv = torch.native_layer_norm(x.view(N, groups, k), (k,), None, None, eps)  # (N, G, k), (N, G, 1)
     ag = a.reshape(N, groups, k, -1)                                              # (N, G, k, P)
-    # (I - 1/k - xh xh^T / k) a = a - (mean of a over the group) - xh (xh^T a) / k
-    out = ag - ag.mean(2, keepdim=True) - xh.unsqueeze(3) * (xh.unsqueeze(2) @ ag) / k
+    xh4 = xh.unsqueeze(3)                                                         # (N, G, k, 1)
+    # (I - 1/k - xh xh^T / k) a = a - (mean of a over the group) - xh (xh^T a) / k; xh^T a as a
+    # product and a sum (a batched (1, k) x (k, P) product over N G tiny matrices is slower)
+    proj = (xh4 * ag).sum(2, keepdim=True).div_(k)                                # (N, G, 1, P)
+    out = torch.addcmul(ag - ag.mean(2, keepdim=True), xh4, proj, value=-1.0)
     gain = inv * weight.expand(N, C).reshape(N, groups, k)                        # (N, G, k)
-    return (out * gain.unsqueeze(3)).view(N, C, -1)
+    return out.mul_(gain.unsqueeze(3)).view(N, C, -1)
 
 
 def _round_up(value: int, multiple: int) -> int:
