@@ -35,16 +35,13 @@ from typing import Any, Callable, Mapping, MutableMapping, Optional
 from torch import Tensor, nn
 
 from multizoo_ext.fusions.deq import DEQFusion, find_deq
-from multizoo_ext.fusions.deq.fusion import DEFAULT_JACOBIAN_WEIGHT as _DEFAULT_JACOBIAN_WEIGHT
+from multizoo_ext.fusions.deq.fusion import DEFAULT_JACOBIAN_WEIGHT  # defined with DEQ fusion's recipe
 from multizoo_ext.registry import register_objective
 from multizoo_ext.tasks import default_criterion, resolve_task, task_loss
 
 __all__ = ["DEFAULT_JACOBIAN_WEIGHT", "deq_objective", "find_deq_in_args"]
 
 Objective = Callable[[Tensor, Tensor, Optional[MutableMapping[str, Any]]], Tensor]
-
-#: Weight of the Jacobian term, defined with DEQ fusion's recipe (``fusions/deq/fusion.py``).
-DEFAULT_JACOBIAN_WEIGHT = _DEFAULT_JACOBIAN_WEIGHT
 
 
 def find_deq_in_args(args: Optional[Mapping[str, Any]]) -> Optional[DEQFusion]:

@@ -44,7 +44,8 @@ from multizoo_ext.fusions.deq.staged import solve_staged
 from multizoo_ext.registry import Recipe, register_fusion
 from multizoo_ext.validation import check_fusion_inputs, check_input_dims
 
-__all__ = ["DEFAULT_JACOBIAN_WEIGHT", "DEQ_DEFAULTS", "DEQ_PAPER_RECIPE", "DEQ_RECIPE", "DEQDefaults", "REFERENCE_JACOBIAN_WEIGHT", "DEQFusion", "build_deq_paper", "find_deq"]
+__all__ = ["DEFAULT_JACOBIAN_WEIGHT", "DEQ_DEFAULTS", "DEQ_PAPER_RECIPE", "DEQ_RECIPE", "DEQDefaults", "DEQFusion",
+           "REFERENCE_JACOBIAN_WEIGHT", "build_deq_paper", "find_deq"]
 
 logger = logging.getLogger(__name__)
 
