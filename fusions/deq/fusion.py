@@ -25,7 +25,7 @@ import functools
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -370,9 +370,8 @@ DEQ_RECIPE = Recipe(objective="deq", objective_kwargs={"jacobian_weight": DEFAUL
 #: The Jacobian weight of the authors' MM-IMDB script, which the published layer trains with.
 REFERENCE_JACOBIAN_WEIGHT = 0.1
 
-#: The published layer's recipe: the authors' MM-IMDB Jacobian weight and learning-rate multiplier.
-DEQ_PAPER_RECIPE = Recipe(objective="deq", objective_kwargs={"jacobian_weight": REFERENCE_JACOBIAN_WEIGHT},
-                          fusion_lr_mult=0.1)
+#: The published layer's recipe: DEQ fusion's, with the authors' MM-IMDB Jacobian weight.
+DEQ_PAPER_RECIPE = replace(DEQ_RECIPE, objective_kwargs={"jacobian_weight": REFERENCE_JACOBIAN_WEIGHT})
 
 
 @register_fusion("deq", recipe=DEQ_RECIPE)
