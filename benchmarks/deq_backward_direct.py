@@ -39,8 +39,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     params = [*encoders.parameters(), *fusion.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
 
-    def step(batch: List[torch.Tensor], direct: bool) -> float:
+    def step(batch: List[torch.Tensor], direct: bool, seed: int) -> float:
         deq._grad.direct = direct
+        torch.manual_seed(seed)   # the same random vectors in the Jacobian penalty's estimate for both
         *xs, y = batch
         for q in params:
             q.grad = None
@@ -53,10 +54,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"{a.dataset}, seed {a.seed}: summed training-step time per epoch (forward + backward)")
     for epoch in range(a.epochs):
         t_direct = t_iter = 0.0
-        for batch in train_dl:
-            t_direct += step(batch, True)
+        for i, batch in enumerate(train_dl):
+            t_direct += step(batch, True, 1000 * epoch + i)
             g_direct = [q.grad.clone() for q in params if q.grad is not None]
-            t_iter += step(batch, False)
+            t_iter += step(batch, False, 1000 * epoch + i)
             g_iter = [q.grad for q in params if q.grad is not None]
             optimizer.step()
         diff = max(float((u - v).norm() / (v.norm() + 1e-12)) for u, v in zip(g_direct, g_iter))

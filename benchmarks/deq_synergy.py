@@ -10,8 +10,9 @@ the fusion, an MLP head (``Linear(out, 32) + ReLU + Linear(32, 2)``); MultiBench
 Each named variant changes ONE thing of the published layer (``deq``: Jacobian weight 0.1, the
 authors' value, uniform learning rate) or, joined with ``+``, of the package's default layer
 (``deq_default``: ``DEQFusion([32, 32], 32)`` with ``deq_objective(CrossEntropyLoss())``, whose
-Jacobian weight is the objective's default, 1.0); the variants subclass or patch DEQFusion
-here, the library module is not edited.
+Jacobian weight is the objective's default, 1.0) or of the earlier default (``deq_gn``: the
+published function with the default's initialisation and injection); the variants pass
+DEQFusion's options or subclass and patch it here, the library module is not edited.
 
 Usage (MultiBench on the path, from the repository root)::
 
@@ -44,7 +45,7 @@ if MULTIBENCH not in sys.path:
     sys.path.insert(0, MULTIBENCH)
 
 from multizoo_ext.fusions import Concat  # noqa: E402
-from multizoo_ext.fusions.deq import DEQFusion  # noqa: E402
+from multizoo_ext.fusions.deq import PAPER_LAYER, DEQFusion  # noqa: E402
 
 from multizoo_ext.fusions.deq import fusion as deq_module  # noqa: E402  (DEQFusion's internals)
 
@@ -74,10 +75,11 @@ def xor_loaders(seed: int, n_train: int = 1024, n_valid: int = 512, n_test: int 
 
 # ------------------------------------------------------------------------------ variants
 class _PatchedMap(deq_module._FusionMap):
-    """``_FusionMap`` whose fused-state normalisation is configurable: ``out_norm`` 'gn'
-    (the paper's GroupNorm), 'none' (ReLU only), 'ln' (GroupNorm with one group)."""
+    """``_FusionMap`` with the benchmark's own knobs: the GroupNorm update's normalisation
+    (``out_norm`` None: the layer's own update; 'none' (ReLU only), 'ln' (one group), 'ball'),
+    the gate's scale and what the gate reads besides ``z_f`` (``gate_input``)."""
 
-    out_norm = "gn"
+    out_norm = None
     gate_scale = 1.0
 
     def __init__(self, layer, inputs) -> None:
@@ -85,10 +87,46 @@ class _PatchedMap(deq_module._FusionMap):
         self.gate_scale = getattr(layer, "gate_scale", 1.0)
         if self.gate_scale != 1.0:       # a = c (W_g (.) + M b_g): under Adam, W_g learns c times slower
             self.wg, self.bg = self.wg * self.gate_scale, self.bg * self.gate_scale
+        self.gate_input = getattr(layer, "gate_input", "states")
+        if self.gate_input != "states":      # the gate reads the injections x_i, or z_f only
+            b = self.inj.shape[0]
+            if self.gate_input == "inj":
+                x = torch.stack([p(t) for p, t in zip(layer.projections, inputs)], 1)   # (B, M, d)
+                const = F.linear(x.sum(1), self.wg, self.bg)
+            else:
+                const = self.bg.expand(b, -1)
+            self._gate_rows = deq_module._Rows(const)
+
+    def _gate_const(self, z_m: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The gate sum's part that does not read ``z_f``: ``W_g s + M b_g`` (b, d), where ``s``
+        is ``sum_i z_i'`` ('states', the layer's), ``sum_i x_i`` ('inj') or nothing ('fused')."""
+        if self.gate_input == "states":
+            b, M, d = z_m.shape[0], self.M, self.d
+            return F.linear(z_m.view(b, M, d).sum(1), self.wg, self.bg)
+        return self._gate_rows(index)[0]
+
+    def __call__(self, z: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        M, d = self.M, self.d
+        z_m, z_f = z.split([M * d, d], dim=1)
+        z_m = self.modalities(z_m, index)
+        a = torch.addmm(self._gate_const(z_m, index), z_f, self.wg.t(), alpha=M)
+        return torch.cat([z_m, self.fused(z_f, a, self._rows(index)[1])], 1)
+
+    def stage(self, k, states, outputs=None):
+        if k != 1 or self.gate_input == "states":
+            return super().stage(k, states, outputs)
+        M = self.M
+        rows = deq_module._Rows(self._gate_rows(None)[0], self.inj_f)
+
+        def fused_stage(z_f, index=None):
+            const, inj_f = rows(index)
+            return self.fused(z_f, torch.addmm(const, z_f, self.wg.t(), alpha=M), inj_f)
+
+        return deq_module._StageMap(fused_stage, lambda z_f: self.fused_jacobian(z_f, rows(None)[0]))
 
     def _norm_fused(self, z_f: torch.Tensor, a: torch.Tensor, inj_f: torch.Tensor) -> torch.Tensor:
-        if self.out_norm == "sigmoid":       # z_f' = ReLU(W_f(z_f * sigmoid(a)) + x_f + b_f), no norm
-            return torch.addmm(inj_f, z_f * torch.sigmoid(a), self.wft).relu_()
+        if self.out_norm is None:            # the layer's own fused update
+            return deq_module._FusionMap.fused(self, z_f, a, inj_f)
         h = torch.addmm(inj_f, z_f * a, self.wft).relu_()
         if self.out_norm == "none":
             return h
@@ -101,33 +139,42 @@ class _PatchedMap(deq_module._FusionMap):
 
 
 class DEQVariant(DEQFusion):
-    """DEQFusion with the knobs of the hypotheses (all at their first value = the paper's function).
+    """DEQFusion with the knobs of the hypotheses (all at their first value = the paper's
+    function; DEQFusion's own options, e.g. ``modality_block``, ``fused_update``, ``output``,
+    are passed through, at the paper's values unless a variant sets them).
 
     Args (besides DEQFusion's):
-        out_norm: 'gn' | 'none' | 'ln' | 'ball' normalisation of z_f' (hypothesis b), or
-            'sigmoid': no norm, the gate squashed, ``z_f' = ReLU(W_f(z_f * sigmoid(a)) + x_f)``;
-            any but 'gn' uses the iterative adjoint solve.
+        out_norm: None (the layer's fused update) | 'none' | 'ln' | 'ball': the GroupNorm
+            update with another normalisation of z_f' (hypothesis b); these use the iterative
+            adjoint solve.
         gate_init: None (PyTorch's Linear init) | 'one' (W_g = 0, bias so that sum_i a_i = 1)
             | 'zero' (W_g = 0, bias 0: the multiplicative term starts at 0) (hypothesis a).
         injection: 'sum' (x_f = sum_i w_i x_i + b) | 'proj' (Linear of the concatenation) (c).
-        output: 'zf' | 'zf+xf' | 'cat' (concat(z_f*, x_1..x_M)) (hypothesis g).
+        readout: 'layer' (what the layer returns) | 'cat' (concat(z_f*, x_1..x_M)) (g).
         residual_init: 'default' (PyTorch's Linear init of the modality blocks) | 'zero'
             (each block's W2 at 0) (hypothesis h).
         fuse_init: 'default' | 'zero' (the fused update's ``W_f`` at 0, so the layer starts as
             the control without a fixed point: hypothesis l).
+        gate_input: 'states' (the layer's: the gate reads sum_i z_i') | 'inj' (sum_i x_i) |
+            'fused' (nothing besides z_f) (hypothesis m).
     """
 
-    def __init__(self, input_dims: Sequence[int], width: Optional[int] = None, *, out_norm: str = "gn",
-                 gate_init: Optional[str] = None, injection: str = "sum", output: str = "zf",
+    def __init__(self, input_dims: Sequence[int], width: Optional[int] = None, *, out_norm: Optional[str] = None,
+                 gate_init: Optional[str] = None, injection: str = "sum", readout: str = "layer",
                  residual_init: str = "default", gate_scale: float = 1.0, fuse_init: str = "default",
-                 **kw) -> None:
+                 gate_input: str = "states", **kw) -> None:
         # gate 'zero' and the projected injection are DEQFusion's own options (its defaults);
         # None / 'sum' give the published layer
-        if out_norm != "gn":   # the closed-form stage Jacobian of the exact adjoint solve is the GN layer's
+        for key in ("modality_block", "fused_update", "output"):
+            kw.setdefault(key, PAPER_LAYER[key])
+        if out_norm is not None or gate_input != "states":   # the closed-form stage Jacobians are the layer's own
             kw["b_direct"] = False
+        if gate_input != "states":   # the fused stage no longer reads the modality stage: one joint adjoint solve
+            kw["staged_backward"] = False
         super().__init__(input_dims, width, gate_init="zero" if gate_init == "zero" else "default",
                          injection=injection, residual_init=residual_init, **kw)
-        self.out_norm, self.output, self.gate_scale = out_norm, output, float(gate_scale)
+        self.out_norm, self.readout, self.gate_scale = out_norm, readout, float(gate_scale)
+        self.gate_input = gate_input
         M, d = self.num_modalities, self.width
         if gate_init == "one":
             gate = self.fusion_block.gate
@@ -137,7 +184,7 @@ class DEQVariant(DEQFusion):
         if fuse_init == "zero":   # W_f = 0: z_f' = norm(ReLU(x_f)) at init, the recurrence learned from there
             with torch.no_grad():
                 self.fusion_block["fuse"].weight.zero_()
-        self.out_dim = {"zf": d, "zf+xf": d, "cat": (M + 1) * d}[output]
+        self.out_dim = {"layer": d, "cat": (M + 1) * d}[readout]
 
     def _injections(self, inputs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """x (B, M, d) and x_f (B, d) of this variant."""
@@ -158,9 +205,9 @@ class DEQVariant(DEQFusion):
         if self.training and getattr(self, "stats", None) is not None and info and "converged" in info:
             self.stats["conv"].append(float(info["converged"].float().mean()))
             self.stats["res"].append(float(info["rel_residual"].median()))
-        if self.output != "zf":
-            x, x_f = self._injections(inputs)
-            fused = fused + x_f if self.output == "zf+xf" else torch.cat([fused, x.flatten(1)], 1)
+        if self.readout == "cat":
+            x, _ = self._injections(inputs)
+            fused = torch.cat([fused, x.flatten(1)], 1)
         return (fused, self.last_info) if return_info else fused
 
 
@@ -205,18 +252,25 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     "ctl_lin_ball": ({"control": "ball"}, 0.0, 1.0, "control, no DEQ: ball(ReLU(Linear(concat))), RMS <= 1"),
     "ctl_lin_rms": ({"control": "rms"}, 0.0, 1.0, "control, no DEQ: RMSNorm (4 groups) of ReLU(Linear(concat))"),
     "deq": ({}, 0.1, 1.0, "baseline: the published layer (fusion 'deq_paper'), jac 0.1, uniform lr"),
-    "deq_default": ({"gate_init": "zero", "injection": "proj", "residual_init": "zero"},
+    "deq_default": ({"gate_init": "zero", "injection": "proj", "residual_init": "zero", "modality_block": "plain",
+                     "fused_update": "sigmoid", "output": "state+injection"},
                     DEFAULT_JACOBIAN_WEIGHT, 1.0,
-                    "the package's default layer (fusion 'deq'): gate at zero + projected injection "
-                    "+ residual branches at zero, the objective's default Jacobian weight"),
+                    "the package's default layer (fusion 'deq'): plain modality blocks, sigmoid-gated "
+                    "fused update without a norm, returns z_f* + x_f; gate and W2 at zero, projected "
+                    "injection; the objective's default Jacobian weight"),
+    "deq_gn": ({"gate_init": "zero", "injection": "proj", "residual_init": "zero"},
+               DEFAULT_JACOBIAN_WEIGHT, 1.0,
+               "the earlier default: the published function (residual blocks, GroupNorm update, "
+               "returns z_f*) with gate and W2 at zero and the projected injection"),
     # (a) gate / fused-state initialisation
     "a_gate_one": ({"gate_init": "one"}, 0.1, 1.0, "W_g = 0, bias: sum_i a_i = 1 at init"),
     "a_gate_zero": ({"gate_init": "zero"}, 0.1, 1.0, "W_g = 0 and bias 0: z_f' = GN(ReLU(x_f + b_f)) at init"),
     # (b) GroupNorm on z_f'
-    "b_norm_none": ({"out_norm": "none"}, 0.1, 1.0, "no GroupNorm on z_f' (ReLU only)"),
-    "b_norm_ln": ({"out_norm": "ln"}, 0.1, 1.0, "one-group GroupNorm (layer norm) on z_f'"),
-    "b_norm_ball": ({"out_norm": "ball"}, 0.1, 1.0, "projection of z_f' onto the ball of RMS 1 (no affine)"),
-    "b_sigmoid": ({"out_norm": "sigmoid"}, 0.1, 1.0, "no norm on z_f', gate squashed: ReLU(W_f(z_f * sigmoid(a)) + x_f)"),
+    "b_norm_none": ({"out_norm": "none", "fused_update": "groupnorm"}, 0.1, 1.0, "no GroupNorm on z_f' (ReLU only)"),
+    "b_norm_ln": ({"out_norm": "ln", "fused_update": "groupnorm"}, 0.1, 1.0, "one-group GroupNorm (layer norm) on z_f'"),
+    "b_norm_ball": ({"out_norm": "ball", "fused_update": "groupnorm"}, 0.1, 1.0, "projection of z_f' onto the ball of RMS 1 (no affine)"),
+    "b_sigmoid": ({"fused_update": "sigmoid"}, 0.1, 1.0, "no norm on z_f', gate squashed: ReLU(W_f(z_f * sigmoid(a)) + x_f)"),
+    "b_groupnorm": ({"fused_update": "groupnorm"}, 0.1, 1.0, "the published fused update: GN(ReLU(W_f(z_f * a) + x_f))"),
     "b_groups1": ({"num_groups": 1}, 0.1, 1.0, "one group in every GroupNorm of the layer"),
     # (c) injection
     "c_inj_proj": ({"injection": "proj"}, 0.1, 1.0, "x_f = Linear(concat(x_1..x_M))"),
@@ -235,8 +289,9 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     # (f) fusion learning-rate multiplier
     "f_lr01": ({}, 0.1, 0.1, "fusion lr x0.1 (the CLI recipe)"),
     # (g) what the head sees
-    "g_cat": ({"output": "cat"}, 0.1, 1.0, "output concat(z_f*, x_1..x_M)"),
-    "g_zf_xf": ({"output": "zf+xf"}, 0.1, 1.0, "output z_f* + x_f"),
+    "g_cat": ({"readout": "cat"}, 0.1, 1.0, "output concat(z_f*, x_1..x_M)"),
+    "g_zf_xf": ({"output": "state+injection"}, 0.1, 1.0, "output z_f* + x_f"),
+    "g_zf": ({"output": "state"}, 0.1, 1.0, "output z_f* (the published layer's)"),
     # (h) initialisation of the modality blocks
     "h_res_zero": ({"residual_init": "zero"}, 0.1, 1.0, "each modality block's W2 at 0"),
     # (i) cost of the gradient: backward tolerance and the penalty's random vectors
@@ -245,6 +300,12 @@ VARIANTS: Dict[str, Tuple[Optional[dict], float, float, str]] = {
     "k_gate_03": ({"gate_scale": 0.3}, 0.1, 1.0, "gate sum scaled by 0.3"),
     "k_gate_0": ({"gate_scale": 0.0}, 0.1, 1.0, "gate off (control: no multiplicative term, no fixed point to speak of)"),
     "l_fuse_zero": ({"fuse_init": "zero"}, 0.1, 1.0, "W_f = 0 at init: z_f' = norm(ReLU(x_f)), the recurrence learned"),
+    # (m) what the gate reads besides z_f
+    "m_gate_inj": ({"gate_input": "inj"}, 0.1, 1.0, "gate reads the injections x_i instead of the modality states z_i'"),
+    "m_gate_zf": ({"gate_input": "fused"}, 0.1, 1.0, "gate reads z_f only (the modality stage unused)"),
+    # (n) modality blocks
+    "n_mod_plain": ({"modality_block": "plain"}, 0.1, 1.0, "plain modality blocks, which keep the injection's scale: ReLU(W2 ReLU(GN1(W1 z_i)) + x_i)"),
+    "n_mod_residual": ({"modality_block": "residual"}, 0.1, 1.0, "the published modality blocks: GN3(ReLU(GN2(W2 ReLU(GN1(W1 z_i)) + x_i) + z_i))"),
     "i_jacv1": ({"jac_vectors": 1}, 0.1, 1.0, "one random vector in the Jacobian penalty's estimate"),
 }
 

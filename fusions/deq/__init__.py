@@ -16,7 +16,7 @@ from multizoo_ext.fusions.deq.backward import (
     build_backward,
     jacobian_penalty,
 )
-from multizoo_ext.fusions.deq.fusion import DEQ_DEFAULTS, DEQDefaults, DEQFusion, find_deq
+from multizoo_ext.fusions.deq.fusion import DEQ_DEFAULTS, PAPER_LAYER, DEQDefaults, DEQFusion, find_deq
 from multizoo_ext.fusions.deq.solvers import (
     SOLVERS,
     anderson,
@@ -34,6 +34,7 @@ __all__ = [
     "DEQDefaults",
     "DEQFusion",
     "ImplicitBackward",
+    "PAPER_LAYER",
     "PhantomBackward",
     "SOLVERS",
     "UnrolledBackward",

@@ -45,7 +45,7 @@ from multizoo_ext.registry import Recipe, register_fusion
 from multizoo_ext.validation import check_fusion_inputs, check_input_dims
 
 __all__ = ["DEFAULT_JACOBIAN_WEIGHT", "DEQ_DEFAULTS", "DEQ_PAPER_RECIPE", "DEQ_RECIPE", "DEQDefaults", "DEQFusion",
-           "REFERENCE_JACOBIAN_WEIGHT", "build_deq_paper", "find_deq"]
+           "PAPER_LAYER", "REFERENCE_JACOBIAN_WEIGHT", "build_deq_paper", "find_deq"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,18 @@ class DEQDefaults:
     #: concatenation, so x_f keeps which modality a feature came from. The reference's function
     #: is ``DEQFusion(..., gate_init="default", injection="sum")``.
     injection: str = "proj"
+    #: Each modality's block. "residual": ``z_i' = GN3(ReLU(GN2(W2 ReLU(GN1(W1 z_i)) + x_i) +
+    #: z_i))`` (the reference's), whose per-sample GroupNorms put every modality state at unit
+    #: scale. "plain": ``z_i' = ReLU(W2 ReLU(GN1(W1 z_i)) + x_i)``, which keeps the injection's
+    #: scale (the branch reads only the direction of ``z_i``, through GN1).
+    modality_block: str = "plain"
+    #: The fused update. "groupnorm": ``z_f' = GN(ReLU(W_f(z_f * a) + x_f))`` (the
+    #: reference's). "sigmoid": ``z_f' = ReLU(W_f(z_f * sigmoid(a)) + x_f)``: the gate is
+    #: bounded instead of the state normalised, so ``z_f`` keeps the injection's scale.
+    fused_update: str = "sigmoid"
+    #: What the layer returns: "state", the fused equilibrium ``z_f*`` (the reference's), or
+    #: "state+injection", ``z_f* + x_f`` (a skip connection around the equilibrium).
+    output: str = "state+injection"
     #: Log non-convergence at most once per this many forwards: at WARNING when fewer than
     #: ``warn_fraction`` of the window's samples reached the tolerance, else at INFO (a few
     #: stragglers get the Jacobian-free gradient and are no cause for alarm).
@@ -215,6 +227,7 @@ class _FusionMap:
         else:
             x_f = torch.einsum("m,bmd->bd", layer.weights, x) + layer.bias          # (B, d)
         self.inj = x + torch.stack([b.lin2.bias for b in blocks])                     # (B, M, d): x_i + b2_i
+        self.x_f = x_f
         self.inj_f = x_f + fb.fuse.bias                                               # (B, d):    x_f + b_f
         self._rows = _Rows(self.inj, self.inj_f)
         # weights, gathered once
@@ -223,16 +236,32 @@ class _FusionMap:
         self.w1t = torch.stack([b.lin1.weight for b in blocks]).transpose(1, 2)       # (M, d, d)
         self.b1 = torch.stack([b.lin1.bias for b in blocks]).unsqueeze(1)             # (M, 1, d)
         self.w2t = torch.stack([b.lin2.weight for b in blocks]).transpose(1, 2)       # (M, d, d)
+        self.plain = layer.modality_block == "plain"
+        norms = ("gn1",) if self.plain else ("gn1", "gn2", "gn3")
         self.gn = [(torch.cat([b[n].weight for b in blocks]),                        # (M d,) each
-                    torch.cat([b[n].bias for b in blocks])) for n in ("gn1", "gn2", "gn3")]
+                    torch.cat([b[n].bias for b in blocks])) for n in norms]
         self.wg, self.bg = fb.gate.weight, fb.gate.bias * M                           # W_g, M b_g
         self.wft = fb.fuse.weight.t()
-        self.gnf = (fb.gn.weight, fb.gn.bias)
+        self.sigmoid = layer.fused_update == "sigmoid"
+        self.gnf = None if self.sigmoid else (fb.gn.weight, fb.gn.bias)
 
     def modalities(self, z_m: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """2. The M residual blocks (stage 0): ``z_m (b, M d) -> z_m' (b, M d)``."""
+        """2. The M modality blocks (stage 0): ``z_m (b, M d) -> z_m' (b, M d)``."""
+        if self.plain:                                                                # z_i' = ReLU(h2)
+            return self._plain_blocks(z_m, self._rows(index)[0])[2].relu()
         r2 = self._blocks(z_m, self._rows(index)[0])[3]
         return _group_norm(r2, self.M * self.groups, *self.gn[2], self.eps)         # z_i' = GN3(r2), (b, M d)
+
+    def _plain_blocks(self, z_m: torch.Tensor, inj: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The M plain blocks before their last ReLU, given ``inj = x_i + b2_i`` (b, M, d):
+        ``h1 = W1 z_i + b1``, ``r1 = ReLU(GN1(h1))``, ``h2 = W2 r1 + x_i + b2``, all (b, M d)."""
+        M, d, G, eps = self.M, self.d, self.groups, self.eps
+        b = z_m.shape[0]
+        h1 = torch.baddbmm(self.b1, z_m.view(b, M, d).transpose(0, 1), self.w1t)     # (M, b, d)
+        h1 = h1.transpose(0, 1).reshape(b, M * d)                                     # (b, M d)
+        r1 = _group_norm(h1, M * G, *self.gn[0], eps).relu_()
+        h2 = torch.baddbmm(inj.transpose(0, 1), r1.view(b, M, d).transpose(0, 1), self.w2t)  # (M, b, d)
+        return h1, r1, h2.transpose(0, 1).reshape(b, M * d)
 
     def _blocks(self, z_m: torch.Tensor, inj: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """The M residual blocks up to GN3, given ``inj = x_i + b2_i`` (b, M, d); returns the
@@ -252,8 +281,11 @@ class _FusionMap:
         return h1, r1, h2, r2
 
     def fused(self, z_f: torch.Tensor, a: torch.Tensor, inj_f: torch.Tensor) -> torch.Tensor:
-        """3. ``z_f' = GN(ReLU(W_f (z_f * a) + x_f))`` given the gate sum ``a = W_g(sum_i z_i' +
-        M z_f) + M b_g`` and ``inj_f = x_f + b_f``, all ``(b, d)``."""
+        """3. ``z_f' = GN(ReLU(W_f (z_f * a) + x_f))`` ('groupnorm'), or ``ReLU(W_f (z_f *
+        sigmoid(a)) + x_f)`` ('sigmoid'), given the gate sum ``a = W_g(sum_i z_i' + M z_f) + M
+        b_g`` and ``inj_f = x_f + b_f``, all ``(b, d)``."""
+        if self.sigmoid:
+            return torch.addmm(inj_f, z_f * torch.sigmoid(a), self.wft).relu_()
         return _group_norm(torch.addmm(inj_f, z_f * a, self.wft).relu_(), self.groups, *self.gnf, self.eps)
 
     @torch.no_grad()
@@ -264,13 +296,18 @@ class _FusionMap:
         M, d, G, eps = self.M, self.d, self.groups, self.eps
         B = z_m.shape[0]
         rows = (B * M, d)                                                            # (sample, modality) rows
-        gains = [w.view(1, M, d).expand(B, M, d).reshape(rows) for w, _ in self.gn]  # GN1-3 gains by row
-        h1, r1, h2, r2 = (t.view(rows) for t in self._blocks(z_m, self._rows(None)[0]))
-        # chain rule, right to left: W1, GN1, ReLU, W2, GN2, + I, ReLU, GN3
+        gains = [w.view(1, M, d).expand(B, M, d).reshape(rows) for w, _ in self.gn]  # GN gains by row
+        if self.plain:
+            h1, r1, h2 = (t.view(rows) for t in self._plain_blocks(z_m, self._rows(None)[0]))
+        else:
+            h1, r1, h2, r2 = (t.view(rows) for t in self._blocks(z_m, self._rows(None)[0]))
+        # chain rule, right to left: W1, GN1, ReLU, W2, then (plain) ReLU, or GN2, + I, ReLU, GN3
         a = self.w1t.transpose(1, 2).expand(B, M, d, d).reshape(B * M, d, d)         # W1_i
         a = _group_norm_jacobian_times(h1, G, gains[0], eps, a)
         a = (r1.unsqueeze(2) > 0) * a
         a = torch.matmul(self.w2t.transpose(1, 2), a.view(B, M, d, d)).view(B * M, d, d)
+        if self.plain:
+            return ((h2.unsqueeze(2) > 0) * a).view(B, M, d, d)
         a = _group_norm_jacobian_times(h2, G, gains[1], eps, a)
         a = a + torch.eye(d, device=a.device, dtype=a.dtype)
         a = (r2.unsqueeze(2) > 0) * a
@@ -281,9 +318,15 @@ class _FusionMap:
         """Per-sample Jacobian of stage 1 at ``z_f`` (B, d), full batch, no graph, given the
         gate's constant part ``const = W_g sum_i z_i' + M b_g`` (B, d): ``(B, 1, d, d)``.
         With ``a = const + M W_g z_f``: ``d(z_f * a)/dz_f = diag(a) + M diag(z_f) W_g``, then
-        ``W_f``, the ReLU and the GroupNorm."""
+        ``W_f``, the ReLU and the GroupNorm; 'sigmoid': ``d(z_f * s(a))/dz_f = diag(s) + M
+        diag(z_f s (1 - s)) W_g``, then ``W_f`` and the ReLU."""
         M = self.M
         a = torch.addmm(const, z_f, self.wg.t(), alpha=M)                            # (B, d)
+        if self.sigmoid:
+            s = torch.sigmoid(a)
+            du = torch.diag_embed(s) + M * (z_f * s * (1 - s)).unsqueeze(2) * self.wg  # (B, d, d)
+            pre = torch.addmm(self._rows(None)[1], z_f * s, self.wft)                # (B, d)
+            return ((pre.unsqueeze(2) > 0) * torch.matmul(self.wft.t(), du)).unsqueeze(1)
         du = torch.diag_embed(a) + M * z_f.unsqueeze(2) * self.wg                    # (B, d, d)
         pre = torch.addmm(self._rows(None)[1], z_f * a, self.wft)                    # (B, d)
         j = (pre.unsqueeze(2) > 0) * torch.matmul(self.wft.t(), du)                  # ReLU(W_f .)
@@ -336,17 +379,21 @@ class _StageMap:
 
 
 # ------------------------------------------------------------------------------ the layer
-def _residual_block_params(width: int, num_groups: int) -> nn.ModuleDict:
-    """Weights of one modality's residual block (applied in :meth:`_FusionMap.modalities`)."""
+def _modality_block_params(width: int, num_groups: int, kind: str) -> nn.ModuleDict:
+    """Weights of one modality's block (applied in :meth:`_FusionMap.modalities`): 'residual'
+    has three GroupNorms, 'plain' only the first."""
+    norms = ("gn1",) if kind == "plain" else ("gn1", "gn2", "gn3")
     return nn.ModuleDict({"lin1": nn.Linear(width, width), "lin2": nn.Linear(width, width),
-                          "gn1": nn.GroupNorm(num_groups, width), "gn2": nn.GroupNorm(num_groups, width),
-                          "gn3": nn.GroupNorm(num_groups, width)})
+                          **{n: nn.GroupNorm(num_groups, width) for n in norms}})
 
 
-def _fusion_block_params(width: int, num_groups: int) -> nn.ModuleDict:
-    """Weights of the purify-then-combine update (applied in :meth:`_FusionMap.fused`)."""
-    return nn.ModuleDict({"gate": nn.Linear(width, width), "fuse": nn.Linear(width, width),
-                          "gn": nn.GroupNorm(num_groups, width)})
+def _fusion_block_params(width: int, num_groups: int, update: str) -> nn.ModuleDict:
+    """Weights of the purify-then-combine update (applied in :meth:`_FusionMap.fused`); the
+    'sigmoid' update has no GroupNorm."""
+    params = {"gate": nn.Linear(width, width), "fuse": nn.Linear(width, width)}
+    if update == "groupnorm":
+        params["gn"] = nn.GroupNorm(num_groups, width)
+    return nn.ModuleDict(params)
 
 
 def _solver_name(solver: Union[str, Solver]) -> str:
@@ -480,7 +527,9 @@ class DEQFusion(nn.Module):
                  b_direct: Union[bool, str] = DEQ_DEFAULTS.b_direct,
                  trace: bool = False, solver_kwargs: Optional[Mapping[str, Any]] = None,
                  warn_every: int = DEQ_DEFAULTS.warn_every, gate_init: str = DEQ_DEFAULTS.gate_init,
-                 injection: str = DEQ_DEFAULTS.injection, residual_init: str = DEQ_DEFAULTS.residual_init) -> None:
+                 injection: str = DEQ_DEFAULTS.injection, residual_init: str = DEQ_DEFAULTS.residual_init,
+                 modality_block: str = DEQ_DEFAULTS.modality_block, fused_update: str = DEQ_DEFAULTS.fused_update,
+                 output: str = DEQ_DEFAULTS.output) -> None:
         super().__init__()
         self.input_dims = check_input_dims(input_dims, "DEQFusion")
         if int(num_groups) < 1:
@@ -504,6 +553,12 @@ class DEQFusion(nn.Module):
             raise ValueError(f"DEQFusion: injection must be 'sum' or 'proj', got {injection!r}")
         if residual_init not in ("zero", "default"):
             raise ValueError(f"DEQFusion: residual_init must be 'zero' or 'default', got {residual_init!r}")
+        if modality_block not in ("residual", "plain"):
+            raise ValueError(f"DEQFusion: modality_block must be 'residual' or 'plain', got {modality_block!r}")
+        if fused_update not in ("groupnorm", "sigmoid"):
+            raise ValueError(f"DEQFusion: fused_update must be 'groupnorm' or 'sigmoid', got {fused_update!r}")
+        if output not in ("state", "state+injection"):
+            raise ValueError(f"DEQFusion: output must be 'state' or 'state+injection', got {output!r}")
         for name, value in (("f_max_iter", f_max_iter), ("b_max_iter", b_max_iter), ("warn_every", warn_every)):
             if int(value) < 1:
                 raise ValueError(f"DEQFusion: {name} must be >= 1, got {value}")
@@ -514,13 +569,15 @@ class DEQFusion(nn.Module):
         self.projections = nn.ModuleList(
             nn.Linear(d, self.width) if (always_project or d != self.width) else nn.Identity()
             for d in self.input_dims)
-        self.blocks = nn.ModuleList(_residual_block_params(self.width, self.num_groups) for _ in self.input_dims)
+        self.modality_block, self.fused_update, self.output = modality_block, fused_update, output
+        self.blocks = nn.ModuleList(_modality_block_params(self.width, self.num_groups, modality_block)
+                                    for _ in self.input_dims)
         self.residual_init = residual_init
         if residual_init == "zero":  # each residual branch starts without W2 (see DEQDefaults.residual_init)
             for block in self.blocks:
                 nn.init.zeros_(block["lin2"].weight)
         self.gate_init = gate_init
-        self.fusion_block = _fusion_block_params(self.width, self.num_groups)
+        self.fusion_block = _fusion_block_params(self.width, self.num_groups, fused_update)
         if gate_init == "zero":   # the multiplicative term starts at 0 (see DEQDefaults.gate_init)
             nn.init.zeros_(self.fusion_block["gate"].weight)
             nn.init.zeros_(self.fusion_block["gate"].bias)
@@ -634,6 +691,8 @@ class DEQFusion(nn.Module):
         self.last_info = info
         self._record_convergence(info)
         fused = z[:, self.num_modalities * self.width:]                 # z_f*, (B, d)
+        if self.output == "state+injection":
+            fused = fused + f.x_f                                       # z_f* + x_f
         return (fused, info) if return_info else fused
 
     def deq_function(self, inputs: Sequence[torch.Tensor]) -> _FusionMap:
@@ -743,18 +802,24 @@ class DEQFusion(nn.Module):
         return (f"input_dims={self.input_dims}, width={self.width}, num_groups={self.num_groups}, "
                 f"solver={self.solver_name!r}, backward={self.backward_mode!r}, jac_reg={self.jac_reg}, "
                 f"gate_init={self.gate_init!r}, injection={self.injection!r}, residual_init={self.residual_init!r}, "
+                f"modality_block={self.modality_block!r}, fused_update={self.fused_update!r}, output={self.output!r}, "
                 f"b_direct={self.b_direct}")
+
+
+#: The constructor keywords that give the published layer's function and initialisation.
+PAPER_LAYER: Dict[str, str] = {"gate_init": "default", "injection": "sum", "residual_init": "default",
+                               "modality_block": "residual", "fused_update": "groupnorm", "output": "state"}
 
 
 @register_fusion("deq_paper", recipe=DEQ_PAPER_RECIPE)
 def build_deq_paper(input_dims: Sequence[int], **kwargs: Any) -> DEQFusion:
-    """The published layer, unchanged: :class:`DEQFusion` with PyTorch's initialisation of the
-    gate and of the residual blocks and the summed injection (``gate_init="default",
-    injection="sum", residual_init="default"``), with the reference's iterative adjoint solve
+    """The published layer, unchanged: :class:`DEQFusion` with the reference's function and
+    initialisation (:data:`PAPER_LAYER`: residual modality blocks, GroupNorm fused update
+    returning ``z_f*``, summed injection, PyTorch's initialisation of the gate and of the
+    residual blocks), with the reference's iterative adjoint solve
     (``b_direct=False``), trained with the authors' recipe (Jacobian weight 0.1, fusion learning
     rate x 0.1). Other keywords as :class:`DEQFusion`."""
-    return DEQFusion(input_dims, **{"gate_init": "default", "injection": "sum", "residual_init": "default",
-                                    "b_direct": False, **kwargs})
+    return DEQFusion(input_dims, **{**PAPER_LAYER, "b_direct": False, **kwargs})
 
 
 class _ConvergenceCounts:

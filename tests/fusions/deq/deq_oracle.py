@@ -17,9 +17,19 @@ def residual_block(blk, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return blk.gn3(F.relu(h))
 
 
-def fusion_block(fb, z_f: torch.Tensor, z_mods: Sequence[torch.Tensor], x_f: torch.Tensor) -> torch.Tensor:
+def plain_block(blk, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``z' = ReLU(W2 ReLU(GN1(W1 z)) + x)``, (B, d) -> (B, d)."""
+    return F.relu(blk.lin2(F.relu(blk.gn1(blk.lin1(z)))) + x)
+
+
+def fusion_block(fb, z_f: torch.Tensor, z_mods: Sequence[torch.Tensor], x_f: torch.Tensor,
+                 update: str = "groupnorm") -> torch.Tensor:
     """Purify-then-combine ``z_f' = GN(ReLU(W_f sum_i (z_f * W_g(z_i' + z_f)) + x_f))``, one
-    gate application per modality."""
+    gate application per modality; ``update="sigmoid"``: ``ReLU(W_f (z_f * sigmoid(sum_i
+    W_g(z_i' + z_f))) + x_f)``."""
+    if update == "sigmoid":
+        gate = torch.sigmoid(sum(fb.gate(z_i + z_f) for z_i in z_mods))
+        return F.relu(fb.fuse(z_f * gate) + x_f)
     purified = sum(z_f * fb.gate(z_i + z_f) for z_i in z_mods)
     return fb.gn(F.relu(fb.fuse(purified) + x_f))
 
@@ -40,5 +50,6 @@ def naive_step(fusion, z: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch
     xs, x_f = injections(fusion, inputs)
     d, M = fusion.width, fusion.num_modalities
     zs = [z[:, i * d:(i + 1) * d] for i in range(M + 1)]
-    z_mods = [residual_block(blk, zs[i], xs[i]) for i, blk in enumerate(fusion.blocks)]
-    return torch.cat(z_mods + [fusion_block(fusion.fusion_block, zs[M], z_mods, x_f)], 1)
+    block = plain_block if fusion.modality_block == "plain" else residual_block
+    z_mods = [block(blk, zs[i], xs[i]) for i, blk in enumerate(fusion.blocks)]
+    return torch.cat(z_mods + [fusion_block(fusion.fusion_block, zs[M], z_mods, x_f, fusion.fused_update)], 1)

@@ -9,7 +9,7 @@ import torch
 from torch.func import functional_call
 
 from multizoo_ext import create_fusion
-from multizoo_ext.fusions.deq import DEQ_DEFAULTS, DEQFusion, anderson, find_deq, residuals
+from multizoo_ext.fusions.deq import DEQ_DEFAULTS, PAPER_LAYER, DEQFusion, anderson, find_deq, residuals
 
 _spec = importlib.util.spec_from_file_location("deq_oracle", Path(__file__).with_name("deq_oracle.py"))
 oracle = importlib.util.module_from_spec(_spec)
@@ -21,15 +21,28 @@ def _inputs(dims, B=4, dtype=torch.float32, seed=0, requires_grad=False):
     return [torch.randn(B, d, generator=g, dtype=dtype).requires_grad_(requires_grad) for d in dims]
 
 
+#: The layer's two functions: the default, and the published one (residual modality blocks,
+#: GroupNorm fused update, ``z_f*`` returned).
+FUNCTIONS = {"default": {}, "paper": {k: PAPER_LAYER[k] for k in ("modality_block", "fused_update", "output")}}
+
+
 def _contractive(m: DEQFusion) -> DEQFusion:
     """Make f_theta strongly contractive (plain iteration converges in ~20 steps), so that
-    unrolling to convergence is a valid reference: small last GroupNorm gains shrink the state
-    and a small W1 makes GN1's input bias-dominated."""
+    unrolling to convergence is a valid reference: a small W1 makes GN1's input bias-dominated;
+    residual blocks and the GroupNorm update get small last GroupNorm gains, which shrink the
+    state; plain blocks get a small random W2 (so the branch reads z_i), the sigmoid update a
+    small W_f."""
     with torch.no_grad():
         for blk in m.blocks:
-            blk.gn3.weight.fill_(0.1)
             blk.lin1.weight.mul_(0.1)
-        m.fusion_block.gn.weight.fill_(0.1)
+            if "gn3" in blk:
+                blk.gn3.weight.fill_(0.1)
+            else:
+                blk.lin2.weight.copy_(0.3 * torch.randn_like(blk.lin2.weight) / m.width ** 0.5)
+        if "gn" in m.fusion_block:
+            m.fusion_block.gn.weight.fill_(0.1)
+        else:
+            m.fusion_block.fuse.weight.mul_(0.3)
     return m
 
 
@@ -80,9 +93,10 @@ def _perturbed(dims, width, num_groups, **kw):
     return fusion
 
 
+@pytest.mark.parametrize("function", list(FUNCTIONS))
 @pytest.mark.parametrize("always_project", [False, True])
-def test_fast_map_equals_the_module_by_module_oracle(always_project):
-    fusion = _perturbed([5, 12, 3], 12, 3, always_project=always_project)
+def test_fast_map_equals_the_module_by_module_oracle(always_project, function):
+    fusion = _perturbed([5, 12, 3], 12, 3, always_project=always_project, **FUNCTIONS[function])
     xs = _inputs([5, 12, 3], B=4, dtype=torch.float64)
     z = torch.randn(4, fusion.state_dim, dtype=torch.float64)
     f = fusion.deq_function(xs)
@@ -99,8 +113,9 @@ def test_fast_map_equals_the_module_by_module_oracle(always_project):
     torch.testing.assert_close(stage1(z_f[index], index), expected[index, 36:], rtol=1e-12, atol=1e-12)
 
 
-def test_fast_map_gradients_equal_the_oracle_gradients():
-    fusion = _perturbed([5, 12, 3], 12, 3)
+@pytest.mark.parametrize("function", list(FUNCTIONS))
+def test_fast_map_gradients_equal_the_oracle_gradients(function):
+    fusion = _perturbed([5, 12, 3], 12, 3, **FUNCTIONS[function])
     xs = _inputs([5, 12, 3], B=4, dtype=torch.float64, requires_grad=True)
     z = torch.randn(4, fusion.state_dim, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, fusion.state_dim, dtype=torch.float64)
@@ -113,14 +128,17 @@ def test_fast_map_gradients_equal_the_oracle_gradients():
 
 def test_state_dict_keys_are_those_of_the_module_by_module_layout():
     """The reference's layer keeps the reference's keys (its checkpoints load); the default
-    injection adds a Linear of the concatenation instead of the two scalars."""
-    block = [f"{m}.{t}" for m in ("lin1", "lin2", "gn1", "gn2", "gn3") for t in ("weight", "bias")]
-    common = (["projections.0.weight", "projections.0.bias"] + [f"blocks.{i}.{k}" for i in range(2) for k in block]
-              + [f"fusion_block.{m}.{t}" for m in ("gate", "fuse", "gn") for t in ("weight", "bias")])
-    paper = DEQFusion([5, 8], width=8, gate_init="default", injection="sum").state_dict()
-    assert sorted(paper) == sorted(["weights", "bias"] + common)
-    assert sorted(DEQFusion([5, 8], width=8).state_dict()) == sorted(common + ["injection_proj.weight",
-                                                                               "injection_proj.bias"])
+    layer has no GN2 / GN3 in its plain modality blocks and no GroupNorm in its fused update,
+    and its injection is a Linear of the concatenation instead of the two scalars."""
+    def keys(block_modules, fused_modules):
+        return (["projections.0.weight", "projections.0.bias"]
+                + [f"blocks.{i}.{m}.{t}" for i in range(2) for m in block_modules for t in ("weight", "bias")]
+                + [f"fusion_block.{m}.{t}" for m in fused_modules for t in ("weight", "bias")])
+    paper = DEQFusion([5, 8], width=8, **PAPER_LAYER).state_dict()
+    assert sorted(paper) == sorted(["weights", "bias"] + keys(("lin1", "lin2", "gn1", "gn2", "gn3"),
+                                                              ("gate", "fuse", "gn")))
+    assert sorted(DEQFusion([5, 8], width=8).state_dict()) == sorted(
+        keys(("lin1", "lin2", "gn1"), ("gate", "fuse")) + ["injection_proj.weight", "injection_proj.bias"])
 
 
 @pytest.mark.parametrize("contractive", [True, False])
@@ -129,7 +147,7 @@ def test_forward_returns_a_fixed_point_within_tolerance(contractive):
     # the tolerance within the cap (they are reported as not converged); every sample reported
     # converged must satisfy it, checked on ||f(z*) - z*|| / ||f(z*)|| directly.
     torch.manual_seed(0)
-    fusion = DEQFusion([6, 10], width=16, f_tol=1e-8, f_max_iter=150).double().eval()
+    fusion = DEQFusion([6, 10], width=16, f_tol=1e-8, f_max_iter=150, output="state").double().eval()
     if contractive:
         _contractive(fusion)
     xs = _inputs([6, 10], B=8, dtype=torch.float64)
@@ -297,9 +315,31 @@ def test_other_solvers_train(solver):
     assert bool(info["converged"].all()) and bool(info["backward"]["converged"].all())
 
 
+def test_output_is_the_fused_equilibrium_plus_the_injection_or_the_equilibrium_alone():
+    torch.manual_seed(0)
+    fusion = DEQFusion([6, 10], width=16, f_tol=1e-10, f_max_iter=100).double().eval()
+    assert fusion.output == "state+injection"
+    xs = _inputs([6, 10], B=5, dtype=torch.float64)
+    with torch.no_grad():
+        fused = fusion(xs)
+        fusion.output = "state"
+        state = fusion(xs)
+        x_f = oracle.injections(fusion, xs)[1]
+    torch.testing.assert_close(fused, state + x_f, rtol=1e-12, atol=1e-12)
+    z = torch.cat([fusion.deq_function(xs).stage(0, [])(torch.zeros(5, 32, dtype=torch.float64)), state], 1)
+    with torch.no_grad():   # state is the fused part of a fixed point of f
+        torch.testing.assert_close(fusion.deq_function(xs)(z)[:, 32:], state, rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="output must be 'state' or 'state\\+injection', got 'sum'"):
+        DEQFusion([6, 10], output="sum")
+    with pytest.raises(ValueError, match="modality_block must be 'residual' or 'plain', got 'x'"):
+        DEQFusion([6, 10], modality_block="x")
+    with pytest.raises(ValueError, match="fused_update must be 'groupnorm' or 'sigmoid', got 'x'"):
+        DEQFusion([6, 10], fused_update="x")
+
+
 def test_jacobian_penalty_is_positive_and_trains():
     torch.manual_seed(0)
-    fusion = DEQFusion([5, 7], width=16, jac_reg=True)
+    fusion = DEQFusion([5, 7], width=16, jac_reg=True, residual_init="default")   # (W2 = 0: the blocks' J is 0)
     out = fusion(_inputs([5, 7]))
     jac = fusion.jac_loss
     assert jac is not None and jac.dim() == 0 and float(jac.detach()) > 0 and jac.requires_grad
@@ -377,15 +417,16 @@ def test_one_graphed_evaluation_of_f_per_training_step(monkeypatch, staged_backw
     fusion = DEQFusion([5, 7], width=16, jac_reg=True, compact=False, staged_backward=staged_backward)
     out = fusion(_inputs([5, 7]))
     (out.sum() + fusion.jac_loss).backward()
-    assert sum(calls) == 1 and len(calls) > 5                        # the solves ran without a graph
+    assert sum(calls) == 1 and len(calls) > 2                        # the solves ran without a graph
     assert len(fusion.last_info["backward"].get("stages", [])) == (2 if staged_backward else 0)
 
 
+@pytest.mark.parametrize("function", list(FUNCTIONS))
 @pytest.mark.parametrize("residual_init", ["zero", "default"])
-def test_closed_form_stage_jacobians_equal_autograd(residual_init):
+def test_closed_form_stage_jacobians_equal_autograd(residual_init, function):
     torch.manual_seed(0)
     dims, d, B = [6, 16, 5], 16, 4
-    fusion = DEQFusion(dims, width=d, gate_init="default", residual_init=residual_init).double()
+    fusion = DEQFusion(dims, width=d, gate_init="default", residual_init=residual_init, **FUNCTIONS[function]).double()
     with torch.no_grad():
         for p in fusion.parameters():
             p.add_(0.3 * torch.randn_like(p))
