@@ -82,7 +82,7 @@ import torch
 from torch.nn import functional as F
 
 import multizoo_ext.fusions
-from multizoo_ext.fusions.deq import DEQ_DEFAULTS, DEQFusion
+from multizoo_ext.fusions.deq import DEQ_DEFAULTS, PAPER_LAYER, DEQFusion
 from multizoo_ext.fusions.deq.solvers import anderson, fixed_point_iter
 
 logger = logging.getLogger("bench_deq")
@@ -542,7 +542,9 @@ def _round_down(v: float, digits: int = 2) -> float:
 
 
 def _ours(width: int, modalities: int, f_max_iter: int, b_max_iter: int, **kw: Any) -> DEQFusion:
-    return DEQFusion([width] * modalities, width=width, f_max_iter=f_max_iter, b_max_iter=b_max_iter, **kw)
+    """Our layer computing the reference's function (``PAPER_LAYER``), with our solver defaults."""
+    return DEQFusion([width] * modalities, width=width, f_max_iter=f_max_iter, b_max_iter=b_max_iter,
+                     **{**PAPER_LAYER, **kw})
 
 
 def _effective_settings(model: DEQFusion) -> Dict[str, Any]:

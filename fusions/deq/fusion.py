@@ -2,7 +2,8 @@
 
 Fusion is the equilibrium of a recursive process: with the modality embeddings projected to one
 width ``d``, the state ``z = (z_1, ..., z_M, z_f)`` (``(B, (M + 1) d)``) starts at zeros, the
-forward pass solves ``z* = f_theta(z*; x)`` and returns the fused part ``z_f*`` ``(B, d)``.
+forward pass solves ``z* = f_theta(z*; x)`` and returns the fused part ``z_f*`` plus the fused
+injection ``x_f`` (``(B, d)``; ``output="state"``: ``z_f*`` alone, as the published layer).
 ``f_theta`` is written once, in :class:`_FusionMap`.
 
 One batch's path, top to bottom: :meth:`DEQFusion.forward` builds the map for the batch,
@@ -96,17 +97,20 @@ class DEQDefaults:
     #: the iterative solve saves (docs/deq.md).
     b_direct: Union[bool, str] = "auto"
     b_direct_max_width: int = 64
-    #: Initialisation of the gate ``W_g``. "zero" (weight and bias 0): the multiplicative term
-    #: ``z_f * a_i`` starts at 0, so at initialisation ``z_f' = GN(ReLU(x_f + b_f))`` does not
-    #: read ``z_f``, the fused stage is a contraction and is solved in one step, and the gate
-    #: learns from there (its gradient, ``z_f`` times the gate's input, is not 0). "default":
-    #: PyTorch's Linear initialisation, the reference's; the fused map is then not a
-    #: contraction at initialisation (about half of the samples reach the tolerance).
+    #: Initialisation of the gate ``W_g``. "zero" (weight and bias 0): the gate sum ``a``
+    #: starts at 0 for every sample. With the GroupNorm update the multiplicative term then
+    #: starts at 0 (``z_f' = GN(ReLU(x_f + b_f))`` does not read ``z_f`` and is solved in one
+    #: step); with the sigmoid update the gate starts at 1/2 (``z_f' = ReLU(W_f z_f / 2 + x_f +
+    #: b_f)``, a contraction at PyTorch's initialisation of ``W_f``, solved in about 6 steps).
+    #: The gate learns from there (its gradient, ``z_f`` times the gate's input, is not 0).
+    #: "default": PyTorch's Linear initialisation, the reference's; the published fused map is
+    #: then not a contraction at initialisation (about half of the samples reach the tolerance).
     gate_init: str = "zero"
-    #: Initialisation of each modality block's second Linear ``W2`` (the residual branch's
-    #: last layer). "zero" (weight 0): at initialisation ``z_i' = GN3(ReLU(GN2(x_i + b2_i) +
-    #: z_i))``, the branch does not read ``z_i``, the modality stage is solved in about 10
-    #: steps instead of hitting the cap for half of the samples, and ``W2`` learns from there
+    #: Initialisation of each modality block's second Linear ``W2`` (the branch's last layer).
+    #: "zero" (weight 0): at initialisation the branch does not read ``z_i`` (a plain block is
+    #: then ``z_i' = ReLU(x_i + b2_i)``, solved in 2 steps; a residual block ``GN3(ReLU(GN2(x_i
+    #: + b2_i) + z_i))``, about 10) instead of hitting the cap for half of the samples (residual
+    #: blocks at PyTorch's initialisation), and ``W2`` learns from there
     #: (its gradient is the branch's hidden state times the upstream gradient, not 0). The
     #: zero-initialised last layer of a residual branch is the usual trick for deep residual
     #: networks. "default": PyTorch's Linear initialisation (the reference's).
@@ -198,11 +202,12 @@ class _FusionMap:
     """``f_theta(z; x)`` of one batch: ``(b, (M + 1) d) -> (b, (M + 1) d)``, ``z = (z_1..z_M, z_f)``.
 
     1. injection: ``x_i = P_i(input_i)`` (a Linear, or the identity when the widths agree),
-       ``x_f = sum_i w_i x_i + b``;
-    2. per-modality residual block (own weights per modality):
-       ``z_i' = GN3(ReLU(GN2(W2 ReLU(GN1(W1 z_i)) + x_i) + z_i))``;
+       ``x_f = W_x [x_1; ..; x_M] + b_x`` ('proj') or ``sum_i w_i x_i + b`` ('sum');
+    2. per-modality block (own weights per modality): 'plain' ``z_i' = ReLU(W2 ReLU(GN1(W1
+       z_i)) + x_i)``, or 'residual' ``z_i' = GN3(ReLU(GN2(W2 ReLU(GN1(W1 z_i)) + x_i) + z_i))``;
     3. purify-then-combine with one gate ``W_g`` shared by the modalities, reading the updated
-       ``z_i'``: ``z_f' = GN(ReLU(W_f sum_i (z_f * W_g(z_i' + z_f)) + x_f))``.
+       ``z_i'``, ``a = sum_i W_g(z_i' + z_f)``: 'sigmoid' ``z_f' = ReLU(W_f (z_f * sigmoid(a))
+       + x_f)``, or 'groupnorm' ``z_f' = GN(ReLU(W_f (z_f * a) + x_f))``.
 
     Row ``r`` of ``z`` is sample ``index[r]`` of the batch (all samples, in order, when
     ``index`` is None), so a solver can drop converged samples. ``f`` is lower block-triangular
@@ -248,36 +253,29 @@ class _FusionMap:
     def modalities(self, z_m: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """2. The M modality blocks (stage 0): ``z_m (b, M d) -> z_m' (b, M d)``."""
         if self.plain:                                                                # z_i' = ReLU(h2)
-            return self._plain_blocks(z_m, self._rows(index)[0])[2].relu()
+            return self._branches(z_m, self._rows(index)[0])[2].relu()
         r2 = self._blocks(z_m, self._rows(index)[0])[3]
         return _group_norm(r2, self.M * self.groups, *self.gn[2], self.eps)         # z_i' = GN3(r2), (b, M d)
 
-    def _plain_blocks(self, z_m: torch.Tensor, inj: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """The M plain blocks before their last ReLU, given ``inj = x_i + b2_i`` (b, M, d):
-        ``h1 = W1 z_i + b1``, ``r1 = ReLU(GN1(h1))``, ``h2 = W2 r1 + x_i + b2``, all (b, M d)."""
-        M, d, G, eps = self.M, self.d, self.groups, self.eps
-        b = z_m.shape[0]
-        h1 = torch.baddbmm(self.b1, z_m.view(b, M, d).transpose(0, 1), self.w1t)     # (M, b, d)
-        h1 = h1.transpose(0, 1).reshape(b, M * d)                                     # (b, M d)
-        r1 = _group_norm(h1, M * G, *self.gn[0], eps).relu_()
-        h2 = torch.baddbmm(inj.transpose(0, 1), r1.view(b, M, d).transpose(0, 1), self.w2t)  # (M, b, d)
-        return h1, r1, h2.transpose(0, 1).reshape(b, M * d)
-
-    def _blocks(self, z_m: torch.Tensor, inj: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """The M residual blocks up to GN3, given ``inj = x_i + b2_i`` (b, M, d); returns the
-        inputs of the three GroupNorms and of the first ReLU's output, all (b, M d):
-        ``h1 = W1 z_i + b1``, ``r1 = ReLU(GN1(h1))``, ``h2 = W2 r1 + x_i + b2``,
-        ``r2 = ReLU(GN2(h2) + z_i)`` (the stage's Jacobian reads them all)."""
+    def _branches(self, z_m: torch.Tensor, inj: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The M blocks' branches, given ``inj = x_i + b2_i`` (b, M, d): ``h1 = W1 z_i + b1``,
+        ``r1 = ReLU(GN1(h1))``, ``h2 = W2 r1 + x_i + b2``, all (b, M d) (a plain block is
+        ``ReLU(h2)``; the stage's Jacobian reads them all)."""
         M, d, G, eps = self.M, self.d, self.groups, self.eps
         b = z_m.shape[0]
         # the M blocks' products as one batched product over (M, b, d) (modality-major)
         h1 = torch.baddbmm(self.b1, z_m.view(b, M, d).transpose(0, 1), self.w1t)     # (M, b, d)
         h1 = h1.transpose(0, 1).reshape(b, M * d)                                     # (b, M d)
-        # in-place ReLU / add on fresh intermediates whose producers' backward does not read them
+        # in-place ReLU on a fresh intermediate whose producer's backward does not read it
         r1 = _group_norm(h1, M * G, *self.gn[0], eps).relu_()
         h2 = torch.baddbmm(inj.transpose(0, 1), r1.view(b, M, d).transpose(0, 1), self.w2t)  # (M, b, d)
-        h2 = h2.transpose(0, 1).reshape(b, M * d)
-        r2 = _group_norm(h2, M * G, *self.gn[1], eps).add_(z_m).relu_()
+        return h1, r1, h2.transpose(0, 1).reshape(b, M * d)
+
+    def _blocks(self, z_m: torch.Tensor, inj: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The M residual blocks up to GN3: :meth:`_branches` and ``r2 = ReLU(GN2(h2) + z_i)``
+        (b, M d), the input of GN3."""
+        h1, r1, h2 = self._branches(z_m, inj)
+        r2 = _group_norm(h2, self.M * self.groups, *self.gn[1], self.eps).add_(z_m).relu_()
         return h1, r1, h2, r2
 
     def fused(self, z_f: torch.Tensor, a: torch.Tensor, inj_f: torch.Tensor) -> torch.Tensor:
@@ -298,7 +296,7 @@ class _FusionMap:
         rows = (B * M, d)                                                            # (sample, modality) rows
         gains = [w.view(1, M, d).expand(B, M, d).reshape(rows) for w, _ in self.gn]  # GN gains by row
         if self.plain:
-            h1, r1, h2 = (t.view(rows) for t in self._plain_blocks(z_m, self._rows(None)[0]))
+            h1, r1, h2 = (t.view(rows) for t in self._branches(z_m, self._rows(None)[0]))
         else:
             h1, r1, h2, r2 = (t.view(rows) for t in self._blocks(z_m, self._rows(None)[0]))
         # chain rule, right to left: W1, GN1, ReLU, W2, then (plain) ReLU, or GN2, + I, ReLU, GN3
@@ -480,18 +478,25 @@ class DEQFusion(nn.Module):
             fewer than 95 % of the window's samples reached the tolerance, else at INFO.
             Default: 100.
         gate_init: ``'zero'`` (default): the gate ``W_g`` starts at weight 0 and bias 0, so the
-            multiplicative term starts at 0 and switches on as the gate learns (the fused update
-            is then a contraction at initialisation); ``'default'``: PyTorch's Linear
+            gate sum starts at 0 for every sample (the fused update is then a contraction at
+            initialisation) and learns from there; ``'default'``: PyTorch's Linear
             initialisation (the reference's). The function computed is the same either way.
         injection: ``'proj'`` (default): ``x_f = Linear(M width, width)`` of the concatenated
             ``x_1..x_M`` (parameters ``injection_proj.*``); ``'sum'``: ``x_f = sum_i w_i x_i + b`` with learnable scalars (the
             reference's).
         residual_init: ``'zero'`` (default): each modality block's second Linear ``W2``
-            starts at weight 0, so at initialisation the residual branch does not read
-            ``z_i`` and the modality stage converges in about 10 steps; ``'default'``:
+            starts at weight 0, so at initialisation the branch does not read ``z_i`` and the
+            modality stage converges in a few steps; ``'default'``:
             PyTorch's Linear initialisation (the reference's). The function computed is the
-            same either way. ``gate_init='default', injection='sum', residual_init='default'``
-            is the reference's layer.
+            same either way.
+        modality_block: ``'plain'`` (default): ``z_i' = ReLU(W2 ReLU(GN1(W1 z_i)) + x_i)``,
+            which keeps the injection's scale; ``'residual'``: ``z_i' = GN3(ReLU(GN2(W2
+            ReLU(GN1(W1 z_i)) + x_i) + z_i))`` (the reference's).
+        fused_update: ``'sigmoid'`` (default): ``z_f' = ReLU(W_f (z_f * sigmoid(a)) + x_f)``,
+            the gate bounded and the state not normalised; ``'groupnorm'``: ``z_f' = GN(ReLU(W_f
+            (z_f * a) + x_f))`` (the reference's).
+        output: ``'state+injection'`` (default): return ``z_f* + x_f``; ``'state'``: ``z_f*``
+            (the reference's). :data:`PAPER_LAYER` holds the keywords of the reference's layer.
 
     Shapes:
         ``forward([(B, d_1), ..., (B, d_M)]) -> (B, width)``; ``(B, ...)`` inputs are
@@ -545,20 +550,15 @@ class DEQFusion(nn.Module):
                 f"DEQFusion: width {self.width} is not divisible by num_groups {self.num_groups}; "
                 f"GroupNorm needs equal groups, so pick a width that is a multiple of {self.num_groups} "
                 f"(e.g. {_round_up(self.width, self.num_groups)}) or another num_groups")
-        if stop_mode not in ("abs", "rel"):
-            raise ValueError(f"DEQFusion: stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
-        if gate_init not in ("zero", "default"):
-            raise ValueError(f"DEQFusion: gate_init must be 'zero' or 'default', got {gate_init!r}")
-        if injection not in ("sum", "proj"):
-            raise ValueError(f"DEQFusion: injection must be 'sum' or 'proj', got {injection!r}")
-        if residual_init not in ("zero", "default"):
-            raise ValueError(f"DEQFusion: residual_init must be 'zero' or 'default', got {residual_init!r}")
-        if modality_block not in ("residual", "plain"):
-            raise ValueError(f"DEQFusion: modality_block must be 'residual' or 'plain', got {modality_block!r}")
-        if fused_update not in ("groupnorm", "sigmoid"):
-            raise ValueError(f"DEQFusion: fused_update must be 'groupnorm' or 'sigmoid', got {fused_update!r}")
-        if output not in ("state", "state+injection"):
-            raise ValueError(f"DEQFusion: output must be 'state' or 'state+injection', got {output!r}")
+        for name, value, allowed in (("stop_mode", stop_mode, ("abs", "rel")),
+                                     ("gate_init", gate_init, ("zero", "default")),
+                                     ("injection", injection, ("sum", "proj")),
+                                     ("residual_init", residual_init, ("zero", "default")),
+                                     ("modality_block", modality_block, ("residual", "plain")),
+                                     ("fused_update", fused_update, ("groupnorm", "sigmoid")),
+                                     ("output", output, ("state", "state+injection"))):
+            if value not in allowed:
+                raise ValueError(f"DEQFusion: {name} must be {' or '.join(map(repr, allowed))}, got {value!r}")
         for name, value in (("f_max_iter", f_max_iter), ("b_max_iter", b_max_iter), ("warn_every", warn_every)):
             if int(value) < 1:
                 raise ValueError(f"DEQFusion: {name} must be >= 1, got {value}")
