@@ -198,6 +198,10 @@ class _Rows:
 
 
 # ------------------------------------------------------------------------------ the map f
+#: The GroupNorms of each kind of modality block, in the order the map applies them.
+_BLOCK_NORMS = {"plain": ("gn1",), "residual": ("gn1", "gn2", "gn3")}
+
+
 class _FusionMap:
     """``f_theta(z; x)`` of one batch: ``(b, (M + 1) d) -> (b, (M + 1) d)``, ``z = (z_1..z_M, z_f)``.
 
@@ -242,9 +246,8 @@ class _FusionMap:
         self.b1 = torch.stack([b.lin1.bias for b in blocks]).unsqueeze(1)             # (M, 1, d)
         self.w2t = torch.stack([b.lin2.weight for b in blocks]).transpose(1, 2)       # (M, d, d)
         self.plain = layer.modality_block == "plain"
-        norms = ("gn1",) if self.plain else ("gn1", "gn2", "gn3")
         self.gn = [(torch.cat([b[n].weight for b in blocks]),                        # (M d,) each
-                    torch.cat([b[n].bias for b in blocks])) for n in norms]
+                    torch.cat([b[n].bias for b in blocks])) for n in _BLOCK_NORMS[layer.modality_block]]
         self.wg, self.bg = fb.gate.weight, fb.gate.bias * M                           # W_g, M b_g
         self.wft = fb.fuse.weight.t()
         self.sigmoid = layer.fused_update == "sigmoid"
@@ -282,9 +285,8 @@ class _FusionMap:
         """3. ``z_f' = GN(ReLU(W_f (z_f * a) + x_f))`` ('groupnorm'), or ``ReLU(W_f (z_f *
         sigmoid(a)) + x_f)`` ('sigmoid'), given the gate sum ``a = W_g(sum_i z_i' + M z_f) + M
         b_g`` and ``inj_f = x_f + b_f``, all ``(b, d)``."""
-        if self.sigmoid:
-            return torch.addmm(inj_f, z_f * torch.sigmoid(a), self.wft).relu_()
-        return _group_norm(torch.addmm(inj_f, z_f * a, self.wft).relu_(), self.groups, *self.gnf, self.eps)
+        h = torch.addmm(inj_f, z_f * (torch.sigmoid(a) if self.sigmoid else a), self.wft).relu_()
+        return h if self.sigmoid else _group_norm(h, self.groups, *self.gnf, self.eps)
 
     @torch.no_grad()
     def modalities_jacobian(self, z_m: torch.Tensor) -> torch.Tensor:
@@ -320,14 +322,16 @@ class _FusionMap:
         diag(z_f s (1 - s)) W_g``, then ``W_f`` and the ReLU."""
         M = self.M
         a = torch.addmm(const, z_f, self.wg.t(), alpha=M)                            # (B, d)
-        if self.sigmoid:
-            s = torch.sigmoid(a)
-            du = torch.diag_embed(s) + M * (z_f * s * (1 - s)).unsqueeze(2) * self.wg  # (B, d, d)
-            pre = torch.addmm(self._rows(None)[1], z_f * s, self.wft)                # (B, d)
-            return ((pre.unsqueeze(2) > 0) * torch.matmul(self.wft.t(), du)).unsqueeze(1)
-        du = torch.diag_embed(a) + M * z_f.unsqueeze(2) * self.wg                    # (B, d, d)
-        pre = torch.addmm(self._rows(None)[1], z_f * a, self.wft)                    # (B, d)
+        if self.sigmoid:                                                             # gate value, d gate / d a
+            gate = torch.sigmoid(a)
+            dz_f = z_f * gate * (1 - gate)
+        else:
+            gate, dz_f = a, z_f
+        du = torch.diag_embed(gate) + M * dz_f.unsqueeze(2) * self.wg                # (B, d, d)
+        pre = torch.addmm(self._rows(None)[1], z_f * gate, self.wft)                 # (B, d)
         j = (pre.unsqueeze(2) > 0) * torch.matmul(self.wft.t(), du)                  # ReLU(W_f .)
+        if self.sigmoid:
+            return j.unsqueeze(1)
         return _group_norm_jacobian_times(pre.relu(), self.groups, self.gnf[0], self.eps, j).unsqueeze(1)
 
     def __call__(self, z: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -378,11 +382,10 @@ class _StageMap:
 
 # ------------------------------------------------------------------------------ the layer
 def _modality_block_params(width: int, num_groups: int, kind: str) -> nn.ModuleDict:
-    """Weights of one modality's block (applied in :meth:`_FusionMap.modalities`): 'residual'
-    has three GroupNorms, 'plain' only the first."""
-    norms = ("gn1",) if kind == "plain" else ("gn1", "gn2", "gn3")
+    """Weights of one modality's block (applied in :meth:`_FusionMap.modalities`): two Linears
+    and the GroupNorms of ``_BLOCK_NORMS[kind]``."""
     return nn.ModuleDict({"lin1": nn.Linear(width, width), "lin2": nn.Linear(width, width),
-                          **{n: nn.GroupNorm(num_groups, width) for n in norms}})
+                          **{n: nn.GroupNorm(num_groups, width) for n in _BLOCK_NORMS[kind]}})
 
 
 def _fusion_block_params(width: int, num_groups: int, update: str) -> nn.ModuleDict:
